@@ -1,0 +1,160 @@
+r"""The curvature core: pure functions built on :mod:`torch.func`.
+
+Nothing here knows about data sets or operators. For one batch ``(X, y)`` with model
+output :math:`\mathbf{f} = f(\mathbf{X}; \boldsymbol{\theta})` split into loss terms
+:math:`\mathbf{f}_t \in \mathbb{R}^C`, the batch's curvature applied to the columns
+:math:`\mathbf{v}_k` of a matrix is
+
+.. math::
+    c \sum_t \mathbf{J}_t^\top \mathbf{B}_t \mathbf{B}_t^\top \mathbf{J}_t \mathbf{v}_k,
+
+computed as: one forward pass that carries the ``K`` tangents along (forward-mode
+JVPs, vectorised over the columns with ``vmap``; the primal is computed once), the
+output-space contraction with :math:`\mathbf{B}_t\mathbf{B}_t^\top` (see
+:mod:`curvlinops_fisher.factors`), and one vectorised VJP through the stored forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, jvp, vjp, vmap
+from torch.nn import Module
+
+from curvlinops_fisher.data import ModelInput
+from curvlinops_fisher.errors import ParameterError
+from curvlinops_fisher.factors import BatchOutputFactor, OutputFactorKind
+from curvlinops_fisher.losses import FisherLoss
+
+ModelFunction = Callable[[tuple[Tensor, ...], ModelInput], Tensor]
+
+
+def parameter_names(model: Module, params: Sequence[Tensor]) -> tuple[str, ...]:
+    """Names under which ``params`` live in ``model`` (for ``functional_call``).
+
+    Args:
+        model: The model.
+        params: Tensors that must be parameters of ``model`` (identity, not equality).
+
+    Returns:
+        One name per entry of ``params``.
+
+    Raises:
+        ParameterError: If an entry is not a parameter of ``model`` or appears twice.
+    """
+    names_by_id: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_by_id.setdefault(id(p), name)
+    names = []
+    for i, p in enumerate(params):
+        if id(p) not in names_by_id:
+            raise ParameterError(
+                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model. "
+                "Pass tensors taken from model.parameters(), e.g. "
+                "[p for p in model.parameters() if p.requires_grad]."
+            )
+        names.append(names_by_id[id(p)])
+    if len(set(names)) != len(names):
+        raise ParameterError(
+            "params contains the same parameter more than once; pass each parameter "
+            "once."
+        )
+    return tuple(names)
+
+
+def make_model_function(model: Module, params: Sequence[Tensor]) -> ModelFunction:
+    """Turn ``model`` into a pure function of ``params`` and the input.
+
+    Parameters not in ``params`` (frozen ones, say) and buffers keep the module's
+    current values.
+
+    Args:
+        model: The model.
+        params: The parameters that become arguments.
+
+    Returns:
+        ``f(param_values, X) -> output``.
+    """
+    names = parameter_names(model, params)
+
+    def model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
+        return functional_call(model, dict(zip(names, param_values)), (X,))
+
+    return model_function
+
+
+def batch_curvature_matmat(
+    model_function: ModelFunction,
+    params: tuple[Tensor, ...],
+    X: ModelInput,
+    y: Tensor,
+    V: tuple[Tensor, ...],
+    loss: FisherLoss,
+    factor_kind: OutputFactorKind,
+    scale: float = 1.0,
+    max_columns: int | None = None,
+    check_targets: bool = False,
+) -> tuple[Tensor, ...]:
+    r"""Multiply one batch's curvature onto a matrix.
+
+    Computes :math:`c \sum_t \mathbf{J}_t^\top \mathbf{B}_t \mathbf{B}_t^\top
+    \mathbf{J}_t \mathbf{V}` for the ``K`` columns of ``V``. Cost per group of at
+    most ``max_columns`` columns: one forward pass with the tangents of all columns of
+    the group (a forward-mode pass batched over the columns), an output-space
+    contraction of cost :math:`O(K T C R)` (``R`` = 1 for the EF, ``M`` for the MC
+    Fisher; closed form for the GGN), and one backward pass batched over the columns.
+    The MC samples live in output space, so ``mc_samples`` does not multiply the
+    passes; the batch's factor is built once and shared by all columns.
+
+    Args:
+        model_function: ``f(param_values, X)``, see :func:`make_model_function`.
+        params: Parameter values (the linearization point).
+        X: The batch's input.
+        y: The batch's targets.
+        V: Matrix in tensor list format with a *leading* column axis:
+            ``V[i]`` has shape ``(K, *params[i].shape)``.
+        loss: The loss wrapper.
+        factor_kind: Which curvature matrix (GGN, MC Fisher, EF).
+        scale: The reduction scale :math:`c` of this batch.
+        max_columns: Largest number of columns that share a forward pass (bounds
+            memory: each column carries a tangent of every activation). ``None``: all.
+        check_targets: Validate ``y`` against the output first.
+
+    Returns:
+        The product in the format of ``V``.
+    """
+    K = V[0].shape[0]
+    if K == 0:
+        return tuple(torch.zeros_like(v) for v in V)
+    step = K if max_columns is None else max(1, max_columns)
+    factor: BatchOutputFactor | None = None
+    results = []
+    for start in range(0, K, step):
+        V_chunk = tuple(v[start : start + step] for v in V)
+
+        def forward_with_tangents(
+            p: tuple[Tensor, ...], V_chunk: tuple[Tensor, ...] = V_chunk
+        ) -> tuple[Tensor, Tensor]:
+            def output_and_jvp(v: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                return jvp(lambda q: model_function(q, X), (p,), (v,))
+
+            output, JV = vmap(output_and_jvp, out_dims=(None, 0))(V_chunk)
+            return output, JV
+
+        output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
+        if factor is None:
+            if check_targets:
+                loss.check_targets(output, y)
+            factor = factor_kind.for_batch(
+                loss, loss.flatten(output), loss.flatten_targets(y, output)
+            )
+        W = factor.apply(loss.flatten(JV, lead=1))
+        if scale != 1.0:
+            W = W * scale
+        (result,) = vmap(vjp_fn)(loss.unflatten(W, output.shape, lead=1))
+        results.append(result)
+    if len(results) == 1:
+        return results[0]
+    return tuple(torch.cat(chunks) for chunks in zip(*results))

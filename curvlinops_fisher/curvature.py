@@ -1,0 +1,377 @@
+r"""Curvature operators: the GGN, the Monte-Carlo Fisher and the empirical Fisher.
+
+For a data set of ``N`` points split into batches, a model :math:`f_{\boldsymbol\theta}`
+and a loss :math:`\ell` whose batch outputs consist of loss terms
+:math:`\mathbf{f}_t \in \mathbb{R}^C`, every operator here is
+
+.. math::
+    \mathbf{A} = \sum_b c_b \sum_{t \in b}
+        \mathbf{J}_t^\top \mathbf{B}_t \mathbf{B}_t^\top \mathbf{J}_t,
+    \qquad \mathbf{J}_t = \frac{\partial \mathbf{f}_t}{\partial \boldsymbol\theta},
+
+with :math:`c_b = 1` for ``reduction='sum'`` and :math:`c_b = N_b / (N D_b)` for
+``reduction='mean'`` (:math:`D_b` is what PyTorch's ``mean`` divides the batch loss by:
+the number of terms for ``CrossEntropyLoss``, times ``C`` for ``MSELoss`` and
+``BCEWithLogitsLoss``). The subclasses differ only in the output-space factor
+:math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+from torch.nn import Module
+
+from curvlinops_fisher.core import batch_curvature_matmat, make_model_function
+from curvlinops_fisher.data import (
+    Batch,
+    BatchSizeFn,
+    default_batch_size_fn,
+    first_batch,
+    iterate_batches,
+)
+from curvlinops_fisher.determinism import (
+    check_deterministic as probe_determinism,
+)
+from curvlinops_fisher.determinism import check_modules_in_eval_mode
+from curvlinops_fisher.errors import DataError, ParameterError
+from curvlinops_fisher.factors import (
+    EFFactor,
+    GGNFactor,
+    MCFisherFactor,
+    OutputFactorKind,
+)
+from curvlinops_fisher.linop import PyTorchLinearOperator
+from curvlinops_fisher.losses import make_fisher_loss
+
+
+class CurvatureLinearOperator(PyTorchLinearOperator):
+    r"""Base class: a Fisher-family curvature matrix of an empirical risk.
+
+    Subclasses only choose the output-space factor (:meth:`_factor_kind`).
+
+    Cost of one product with ``K`` columns: per batch and per group of at most
+    :attr:`max_columns_per_pass` columns, one forward pass carrying the group's
+    tangents (forward mode, batched with ``vmap``), a contraction in output space, and
+    one backward pass batched over the group's columns. The data is iterated once.
+
+    Args:
+        model_func: The model, an ``nn.Module`` mapping a batch input ``X`` to outputs.
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` with
+            ``reduction='mean'`` or ``'sum'``.
+        params: The parameters the matrix is taken w.r.t.: a list of the model's
+            parameters that require grad (a subset is fine; others stay fixed).
+        data: A re-iterable of batches ``(X, y)`` in a fixed order: a list of batches
+            or a ``DataLoader`` without shuffling. ``X`` may be a mapping (then
+            ``batch_size_fn`` is required). Batches are moved to the params' device.
+        progressbar: Show a tqdm progress bar over the batches of each pass.
+        check_deterministic: Probe at construction that two passes over the data give
+            the same batches and model outputs (two forward passes per batch without
+            gradients), and that no Dropout or BatchNorm layer is in training mode.
+        num_data: Number of data points ``N``; inferred with one pass if ``None``.
+        batch_size_fn: Returns the number of data points of a batch input ``X``.
+            Required when ``X`` is not a tensor.
+
+    Attributes:
+        max_columns_per_pass: Most matrix columns that share one forward pass (each
+            column carries a tangent of every activation, so this bounds memory).
+    """
+
+    SELF_ADJOINT: bool = True
+    FIXED_DATA_ORDER: bool = False
+    max_columns_per_pass: int = 64
+
+    def __init__(
+        self,
+        model_func: Module,
+        loss_func: Module,
+        params: list[Tensor],
+        data: Iterable[Batch],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+    ):
+        """Set up the operator (see the class docstring for the arguments)."""
+        self._loss = make_fisher_loss(loss_func)
+        self._loss_func = loss_func
+        if not isinstance(model_func, Module):
+            raise ParameterError(
+                f"model_func must be a torch.nn.Module; got {type(model_func).__name__}."
+                " Wrap your function in a Module whose parameters are params."
+            )
+        self._params = _check_params(params)
+        self._model_func = model_func
+        self._model_function = make_model_function(model_func, self._params)
+        self._data = data
+        self._progressbar = progressbar
+        self._batch_size_fn = batch_size_fn
+        self._check_deterministic = check_deterministic
+        shapes = [tuple(p.shape) for p in self._params]
+        super().__init__(shapes, shapes)
+
+        if check_deterministic:  # before any forward pass changes BatchNorm stats
+            check_modules_in_eval_mode(model_func)
+        X, y = first_batch(data, self.device)
+        if isinstance(X, Mapping) and batch_size_fn is None:
+            raise DataError(
+                "The batch inputs X are mappings, so batch_size_fn is required, e.g. "
+                "batch_size_fn=lambda X: X['input_ids'].shape[0]."
+            )
+        self._check_params_used(X, y)
+        self._targets_checked = False
+        if check_deterministic:
+            probe_determinism(model_func, self._batches, self._checked_forward)
+            self._targets_checked = True
+        self._N_data = self._infer_num_data() if num_data is None else num_data
+        if not (isinstance(self._N_data, int) and self._N_data > 0):
+            raise DataError(f"num_data must be a positive int; got {num_data!r}.")
+
+    # ------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        """Data type of the parameters (and of the vectors the operator accepts)."""
+        return self._params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (and of the vectors the operator accepts)."""
+        return self._params[0].device
+
+    # --------------------------------------------------------------- product
+    def _factor_kind(self) -> OutputFactorKind:
+        """The output-space factor of this curvature matrix, for one product."""
+        raise NotImplementedError
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Multiply onto a matrix in tensor list format with a trailing column axis."""
+        V = tuple(m.movedim(-1, 0) for m in M)
+        factor_kind = self._factor_kind()
+        params = self._param_values()
+        result = [torch.zeros_like(v) for v in V]
+        for X, y in self._batches("matmat"):
+            scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
+            batch_result = batch_curvature_matmat(
+                self._model_function,
+                params,
+                X,
+                y,
+                V,
+                self._loss,
+                factor_kind,
+                scale=scale,
+                max_columns=self.max_columns_per_pass,
+                check_targets=not self._targets_checked,
+            )
+            for acc, r in zip(result, batch_result):
+                acc.add_(r)
+        self._targets_checked = True
+        return [r.movedim(0, -1) for r in result]
+
+    def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
+        r"""Gradient and value of the data set's risk :math:`\sum_b (N_b/N)^{[mean]} L_b`.
+
+        Returns:
+            The gradient w.r.t. ``params`` (tensor list) and the risk (a scalar).
+        """
+        params = self._param_values()
+        gradient = [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+
+        for X, y in self._batches("gradient"):
+            scale = (
+                self._batch_size(X) / self._N_data
+                if self._loss.reduction == "mean"
+                else 1.0
+            )
+
+            def batch_risk(p: tuple[Tensor, ...], X=X, y=y, scale=scale) -> Tensor:
+                return self._loss_func(self._model_function(p, X), y) * scale
+
+            batch_grad, value = grad_and_value(batch_risk)(params)
+            total += value
+            for acc, g in zip(gradient, batch_grad):
+                acc.add_(g)
+        return gradient, total
+
+    # --------------------------------------------------------------- helpers
+    def _param_values(self) -> tuple[Tensor, ...]:
+        """Current parameter values, detached (no graph is built outside torch.func)."""
+        return tuple(p.detach() for p in self._params)
+
+    def _batches(self, desc: str) -> Iterator[Batch]:
+        return iterate_batches(self._data, self.device, self._progressbar, desc)
+
+    def _batch_size(self, X: object) -> int:
+        return default_batch_size_fn(self._batch_size_fn, X)
+
+    def _infer_num_data(self) -> int:
+        return sum(self._batch_size(X) for X, _ in self._batches("num_data"))
+
+    def _checked_forward(self, batch: Batch) -> Tensor:
+        """The model output of a batch, after validating the batch's targets."""
+        X, y = batch
+        output = self._model_func(X)
+        self._loss.check_targets(output, y)
+        return output
+
+    def _check_params_used(self, X: object, y: Tensor) -> None:
+        """Validate targets and that every parameter reaches the first batch's output."""
+        output = self._model_function(tuple(self._params), X)
+        self._loss.check_targets(output.detach(), y)
+        grads = torch.autograd.grad(
+            output,
+            self._params,
+            grad_outputs=torch.ones_like(output),
+            allow_unused=True,
+        )
+        unused = [i for i, g in enumerate(grads) if g is None]
+        if unused:
+            raise ParameterError(
+                f"params{unused} are not used by the model's forward pass, so the "
+                "curvature w.r.t. them is not defined by the model. Pass only "
+                "parameters that the forward pass uses."
+            )
+
+
+def _check_params(params: list[Tensor]) -> list[Tensor]:
+    """Validate ``params``: tensors requiring grad, one dtype and device."""
+    params = list(params)
+    if not params:
+        raise ParameterError("params is empty: pass at least one parameter.")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise ParameterError(f"params[{i}] is a {type(p).__name__}, not a tensor.")
+        if not p.requires_grad:
+            raise ParameterError(
+                f"params[{i}] (shape {tuple(p.shape)}) does not require grad. Pass "
+                "only trainable parameters: "
+                "[p for p in model.parameters() if p.requires_grad]."
+            )
+    if len({p.dtype for p in params}) != 1 or len({p.device for p in params}) != 1:
+        found = sorted({f"{p.dtype} on {p.device}" for p in params})
+        raise ParameterError(
+            f"params must share one dtype and device; found {found}. Convert the model "
+            "with model.to(device=..., dtype=...)."
+        )
+    return params
+
+
+class GGNLinearOperator(CurvatureLinearOperator):
+    r"""Generalized Gauss-Newton matrix (the Fisher for these losses).
+
+    :math:`\mathbf{B}_t\mathbf{B}_t^\top = \nabla^2_{\mathbf{f}_t}\ell(\mathbf{f}_t,
+    \mathbf{y}_t)`, applied in closed form per loss (``C x C`` matrices are never
+    formed). Cost of a product: see :class:`CurvatureLinearOperator`.
+    """
+
+    def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
+        return GGNFactor()
+
+
+class EFLinearOperator(CurvatureLinearOperator):
+    r"""Empirical Fisher (uncentered gradient covariance) of the loss terms.
+
+    .. math::
+        \mathbf{A} = \sum_b c_b \sum_t \nabla_{\boldsymbol\theta}\ell_t
+            (\nabla_{\boldsymbol\theta}\ell_t)^\top,
+        \qquad \mathbf{B}_t = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t, \mathbf{y}_t).
+
+    Each loss term (every position of a sequence output) is one gradient, as in
+    curvlinops. Cost of a product: that of the GGN (the gradients live in output
+    space).
+    """
+
+    def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
+        return EFFactor()
+
+
+class FisherMCLinearOperator(CurvatureLinearOperator):
+    r"""Monte-Carlo Fisher: a deterministic, seeded sample of the type-I Fisher.
+
+    .. math::
+        \mathbf{A} = \sum_b c_b \sum_t \mathbf{J}_t^\top
+        \Big(\frac{1}{M}\sum_{m=1}^M \mathbf{g}_{tm}\mathbf{g}_{tm}^\top\Big)
+        \mathbf{J}_t,
+        \qquad \mathbf{g}_{tm} = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t,
+        \tilde{\mathbf{y}}_{tm}),\ \tilde{\mathbf{y}}_{tm} \sim q(\cdot\mid\mathbf{f}_t).
+
+    Its expectation is the GGN. Sampling: at the start of every product an internal
+    ``torch.Generator`` on the params' device is seeded with ``seed`` (read anew from
+    ``self._seed`` each time, as is ``self._mc_samples``); then, batch by batch in data
+    order, ``M`` would-be gradients per term are drawn from it (the same draws as
+    curvlinops 3.0, see :meth:`curvlinops_fisher.losses.FisherLoss.sample_gradients`).
+    The global RNG is neither used nor advanced, and all columns of a product see the
+    same sample, so the operator is one fixed matrix. The samples live in output space:
+    the cost of a product barely depends on ``mc_samples``.
+
+    Args:
+        model_func: See :class:`CurvatureLinearOperator`.
+        loss_func: See :class:`CurvatureLinearOperator`.
+        params: See :class:`CurvatureLinearOperator`.
+        data: See :class:`CurvatureLinearOperator`; the order of batches must be fixed.
+        progressbar: See :class:`CurvatureLinearOperator`.
+        check_deterministic: See :class:`CurvatureLinearOperator`.
+        seed: Seed of the internal generator. Default: ``2147483647``.
+        mc_samples: Number ``M`` of would-be gradients per loss term. Default: ``1``.
+        num_data: See :class:`CurvatureLinearOperator`.
+        batch_size_fn: See :class:`CurvatureLinearOperator`.
+    """
+
+    FIXED_DATA_ORDER: bool = True
+
+    def __init__(
+        self,
+        model_func: Module,
+        loss_func: Module,
+        params: list[Tensor],
+        data: Iterable[Batch],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        seed: int = 2147483647,
+        mc_samples: int = 1,
+        num_data: int | None = None,
+        batch_size_fn: Callable | None = None,
+    ):
+        """Set up the operator (see the class docstring for the arguments)."""
+        _check_positive_int("mc_samples", mc_samples)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int; got {seed!r}.")
+        self._seed = seed
+        self._mc_samples = mc_samples
+        self._generator: torch.Generator | None = None
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=check_deterministic,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+        )
+
+    @property
+    def seed(self) -> int:
+        """Seed of the internal generator, applied at the start of every product."""
+        return self._seed
+
+    @property
+    def mc_samples(self) -> int:
+        """Number of would-be gradients per loss term."""
+        return self._mc_samples
+
+    def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
+        _check_positive_int("mc_samples", self._mc_samples)
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(self._seed)
+        return MCFisherFactor(self._mc_samples, self._generator)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")

@@ -1,0 +1,124 @@
+r"""Output-space factors: what distinguishes the GGN, the MC Fisher and the EF.
+
+All three curvature matrices have the form
+
+.. math::
+    \mathbf{A} = \sum_b c_b \sum_t \mathbf{J}_t^\top \mathbf{B}_t \mathbf{B}_t^\top \mathbf{J}_t,
+    \qquad \mathbf{B}_t \in \mathbb{R}^{C \times R},
+
+with :math:`\mathbf{J}_t` the Jacobian of loss term :math:`t`'s outputs w.r.t. the
+parameters and :math:`c_b` the reduction scale of batch :math:`b`. A *factor kind*
+turns one batch's flattened output ``(T, C)`` and targets into a
+:class:`BatchOutputFactor`, which applies :math:`\mathbf{B}_t\mathbf{B}_t^\top` to
+output-space vectors and can hand out :math:`\mathbf{B}_t` itself.
+
+| kind | :math:`\mathbf{B}_t` | R |
+| --- | --- | --- |
+| :class:`GGNFactor` | Hessian square root :math:`\mathbf{S}_t` | C |
+| :class:`MCFisherFactor` | :math:`[\mathbf{g}_{t1}, \dots, \mathbf{g}_{tM}] / \sqrt{M}`, sampled | M |
+| :class:`EFFactor` | the gradient :math:`\nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t, \mathbf{y}_t)` | 1 |
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from math import sqrt
+
+from torch import Generator, Tensor, einsum
+
+from curvlinops_fisher.losses import FisherLoss
+
+
+class BatchOutputFactor(ABC):
+    r""":math:`\mathbf{B}_t` of one batch's ``T`` loss terms."""
+
+    @abstractmethod
+    def apply(self, U: Tensor) -> Tensor:
+        r"""Return :math:`\mathbf{B}_t \mathbf{B}_t^\top \mathbf{u}_{kt}` for ``U`` ``(K, T, C)``."""
+
+    @abstractmethod
+    def matrix(self) -> Tensor:
+        r"""Return :math:`\mathbf{B}_t` for every term, shape ``(T, C, R)``."""
+
+
+class HessianOutputFactor(BatchOutputFactor):
+    """The loss Hessian, applied in closed form (never materialised as ``C x C``)."""
+
+    def __init__(self, loss: FisherLoss, output: Tensor, y: Tensor):
+        """Store the flattened output ``(T, C)`` and targets."""
+        self.loss, self.output, self.y = loss, output, y
+
+    def apply(self, U: Tensor) -> Tensor:  # noqa: D102
+        return self.loss.hessian_matmat(self.output, self.y, U)
+
+    def matrix(self) -> Tensor:  # noqa: D102
+        return self.loss.hessian_sqrt(self.output, self.y)
+
+
+class LowRankOutputFactor(BatchOutputFactor):
+    r"""An explicit factor :math:`\mathbf{B}_t` ``(T, C, R)`` with small ``R``."""
+
+    def __init__(self, B: Tensor):
+        """Store ``B`` of shape ``(T, C, R)``."""
+        self.B = B
+
+    def apply(self, U: Tensor) -> Tensor:  # noqa: D102
+        return einsum("tcr,ktr->ktc", self.B, einsum("tcr,ktc->ktr", self.B, U))
+
+    def matrix(self) -> Tensor:  # noqa: D102
+        return self.B
+
+
+class OutputFactorKind(ABC):
+    """Builds each batch's output-space factor for one curvature matrix."""
+
+    @abstractmethod
+    def for_batch(
+        self, loss: FisherLoss, output: Tensor, y: Tensor
+    ) -> BatchOutputFactor:
+        """Factor for a batch's detached flattened output ``(T, C)`` and targets."""
+
+
+class GGNFactor(OutputFactorKind):
+    r"""Generalized Gauss-Newton: :math:`\mathbf{B}_t\mathbf{B}_t^\top = \nabla^2_{\mathbf{f}_t}\ell`."""
+
+    def for_batch(
+        self, loss: FisherLoss, output: Tensor, y: Tensor
+    ) -> BatchOutputFactor:
+        """See :meth:`OutputFactorKind.for_batch`."""
+        return HessianOutputFactor(loss, output, y)
+
+
+class EFFactor(OutputFactorKind):
+    r"""Empirical Fisher: :math:`\mathbf{B}_t = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t, \mathbf{y}_t)`."""
+
+    def for_batch(
+        self, loss: FisherLoss, output: Tensor, y: Tensor
+    ) -> BatchOutputFactor:
+        """See :meth:`OutputFactorKind.for_batch`."""
+        return LowRankOutputFactor(loss.gradient(output, y).unsqueeze(-1))
+
+
+class MCFisherFactor(OutputFactorKind):
+    r"""Monte-Carlo Fisher: ``M`` would-be gradients per term, drawn from ``generator``.
+
+    :math:`\mathbf{B}_t\mathbf{B}_t^\top = \frac{1}{M}\sum_{m=1}^M \mathbf{g}_{tm}\mathbf{g}_{tm}^\top`
+    with :math:`\mathbf{g}_{tm} = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t, \tilde{\mathbf{y}}_{tm})`,
+    :math:`\tilde{\mathbf{y}}_{tm} \sim q(\cdot\mid\mathbf{f}_t)`. Each call of
+    :meth:`for_batch` advances ``generator``: batches must come in a fixed order.
+
+    Args:
+        mc_samples: Number of samples ``M`` per loss term.
+        generator: The only source of randomness.
+    """
+
+    def __init__(self, mc_samples: int, generator: Generator):
+        """Store the sample count and the generator (see class docstring)."""
+        self.mc_samples, self.generator = mc_samples, generator
+
+    def for_batch(
+        self, loss: FisherLoss, output: Tensor, y: Tensor
+    ) -> BatchOutputFactor:
+        """See :meth:`OutputFactorKind.for_batch`."""
+        G = loss.sample_gradients(output, y, self.mc_samples, self.generator)
+        return LowRankOutputFactor(G.permute(1, 2, 0) / sqrt(self.mc_samples))
