@@ -16,12 +16,14 @@ output-space contraction with :math:`\mathbf{B}_t\mathbf{B}_t^\top` (see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn import Module
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlinops_fisher.data import ModelInput
 from curvlinops_fisher.errors import ParameterError
@@ -80,9 +82,30 @@ def make_model_function(model: Module, params: Sequence[Tensor]) -> ModelFunctio
     names = parameter_names(model, params)
 
     def model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
-        return functional_call(model, dict(zip(names, param_values)), (X,))
+        with forward_ad_compatible_kernels():
+            return functional_call(model, dict(zip(names, param_values)), (X,))
 
     return model_function
+
+
+@contextmanager
+def forward_ad_compatible_kernels() -> Iterator[None]:
+    """Use kernels that have forward-mode derivatives while the model runs.
+
+    PyTorch's fused attention kernels (the inference fast path of
+    ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` in eval mode, and the
+    flash / memory-efficient backends of ``scaled_dot_product_attention``) have no
+    forward-mode derivative. Inside this context the fast path is off and
+    ``scaled_dot_product_attention`` uses its math backend, which computes the same
+    function from differentiable operations.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def batch_curvature_matmat(
@@ -133,6 +156,8 @@ def batch_curvature_matmat(
     results = []
     for start in range(0, K, step):
         V_chunk = tuple(v[start : start + step] for v in V)
+        # a single column skips vmap: same numbers, less dispatch overhead
+        batched = V_chunk[0].shape[0] > 1
 
         def forward_with_tangents(
             p: tuple[Tensor, ...], V_chunk: tuple[Tensor, ...] = V_chunk
@@ -140,8 +165,10 @@ def batch_curvature_matmat(
             def output_and_jvp(v: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
                 return jvp(lambda q: model_function(q, X), (p,), (v,))
 
-            output, JV = vmap(output_and_jvp, out_dims=(None, 0))(V_chunk)
-            return output, JV
+            if batched:
+                return vmap(output_and_jvp, out_dims=(None, 0))(V_chunk)
+            output, jv = output_and_jvp(tuple(v[0] for v in V_chunk))
+            return output, jv.unsqueeze(0)
 
         output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
         if factor is None:
@@ -153,7 +180,12 @@ def batch_curvature_matmat(
         W = factor.apply(loss.flatten(JV, lead=1))
         if scale != 1.0:
             W = W * scale
-        (result,) = vmap(vjp_fn)(loss.unflatten(W, output.shape, lead=1))
+        cotangents = loss.unflatten(W, output.shape, lead=1)
+        if batched:
+            (result,) = vmap(vjp_fn)(cotangents)
+        else:
+            (result,) = vjp_fn(cotangents[0])
+            result = tuple(r.unsqueeze(0) for r in result)
         results.append(result)
     if len(results) == 1:
         return results[0]

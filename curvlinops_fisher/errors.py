@@ -10,6 +10,13 @@ class UnsupportedLossError(NotImplementedError, ValueError):
     """The loss function, its reduction or one of its options is not supported."""
 
 
+class VectorFormatError(ValueError, TypeError):
+    """A vector or matrix passed to an operator has the wrong shape, dtype or device.
+
+    Also raised for an object that is not a tensor (or tensor list) at all.
+    """
+
+
 class TargetError(ValueError):
     """Targets ``y`` have the wrong shape, dtype or values for the loss."""
 

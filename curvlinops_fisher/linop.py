@@ -28,20 +28,13 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Size, Tensor
 
+from curvlinops_fisher.errors import VectorFormatError
+
 __all__ = [
     "IdentityLinearOperator",
     "PyTorchLinearOperator",
     "VectorFormatError",
 ]
-
-
-class VectorFormatError(ValueError, TypeError):
-    """A vector/matrix passed to a linear operator has the wrong format.
-
-    Raised for a wrong shape, list length, dtype or device, or for an object that is
-    not a tensor (list) at all. Derives from both ``ValueError`` and ``TypeError`` so
-    that code catching either keeps working.
-    """
 
 
 # Flat <-> list conversion (the only place where reshaping between formats happens)
