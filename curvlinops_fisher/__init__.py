@@ -2,7 +2,9 @@
 
 The generalized Gauss-Newton (:class:`GGNLinearOperator`), the seeded Monte-Carlo
 Fisher (:class:`FisherMCLinearOperator`) and the empirical Fisher
-(:class:`EFLinearOperator`), drop-in compatible with curvlinops' operator API.
+(:class:`EFLinearOperator`), drop-in compatible with curvlinops' operator API, with
+exact dense matrices, traces, diagonals and eigenpairs from their factor structure,
+and randomized estimators for any operator.
 """
 
 from curvlinops_fisher.curvature import (
@@ -11,15 +13,31 @@ from curvlinops_fisher.curvature import (
     FisherMCLinearOperator,
     GGNLinearOperator,
 )
+from curvlinops_fisher.estimators import (
+    hutchinson_diag,
+    hutchinson_squared_fro,
+    hutchinson_trace,
+    hutchpp_trace,
+    xdiag,
+    xtrace,
+)
 from curvlinops_fisher.linop import IdentityLinearOperator, PyTorchLinearOperator
+from curvlinops_fisher.structure import CachedCurvatureLinearOperator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CachedCurvatureLinearOperator",
     "CurvatureLinearOperator",
     "EFLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "IdentityLinearOperator",
     "PyTorchLinearOperator",
+    "hutchinson_diag",
+    "hutchinson_squared_fro",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "xdiag",
+    "xtrace",
 ]

@@ -46,9 +46,10 @@ from curvlinops_fisher.factors import (
 )
 from curvlinops_fisher.linop import PyTorchLinearOperator
 from curvlinops_fisher.losses import make_fisher_loss
+from curvlinops_fisher.structure import ExactStructureMixin
 
 
-class CurvatureLinearOperator(PyTorchLinearOperator):
+class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
     r"""Base class: a Fisher-family curvature matrix of an empirical risk.
 
     Subclasses only choose the output-space factor (:meth:`_factor_kind`).
@@ -299,7 +300,8 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         \qquad \mathbf{g}_{tm} = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t,
         \tilde{\mathbf{y}}_{tm}),\ \tilde{\mathbf{y}}_{tm} \sim q(\cdot\mid\mathbf{f}_t).
 
-    Its expectation is the GGN. Sampling: at the start of every product an internal
+    Its expectation is the GGN. Sampling: at the start of every product (and every
+    pass of :meth:`factor_batches`, :meth:`to_dense`, ...) a fresh internal
     ``torch.Generator`` on the params' device is seeded with ``seed`` (read anew from
     ``self._seed`` each time, as is ``self._mc_samples``); then, batch by batch in data
     order, ``M`` would-be gradients per term are drawn from it (the same draws as
@@ -342,7 +344,6 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             raise ValueError(f"seed must be an int; got {seed!r}.")
         self._seed = seed
         self._mc_samples = mc_samples
-        self._generator: torch.Generator | None = None
         super().__init__(
             model_func,
             loss_func,
@@ -366,10 +367,9 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
 
     def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
         _check_positive_int("mc_samples", self._mc_samples)
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(self._seed)
-        return MCFisherFactor(self._mc_samples, self._generator)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self._seed)
+        return MCFisherFactor(self._mc_samples, generator)
 
 
 def _check_positive_int(name: str, value: object) -> None:

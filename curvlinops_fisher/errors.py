@@ -31,3 +31,23 @@ class DataError(ValueError):
 
 class NonDeterministicError(RuntimeError):
     """Data or model do not produce the same batches or outputs on every pass."""
+
+
+class FactorMemoryError(MemoryError, ValueError):
+    """The factor ``U`` needs more memory than the budget that was given.
+
+    Attributes:
+        needed_bytes: Bytes the factor needs.
+        max_bytes: The budget.
+    """
+
+    def __init__(self, num_rows: int, dim: int, itemsize: int, max_bytes: int):
+        """Describe the factor's size (rows, columns, bytes per entry) and the budget."""
+        self.needed_bytes = num_rows * dim * itemsize
+        self.max_bytes = max_bytes
+        super().__init__(
+            f"The factor U has {num_rows} rows x {dim} columns and needs "
+            f"{self.needed_bytes} bytes ({self.needed_bytes / 2**20:.1f} MiB), more "
+            f"than max_bytes={max_bytes}. Raise max_bytes, or use the streaming "
+            "operator (its products, to_dense, trace, diagonal and eigh recompute U)."
+        )

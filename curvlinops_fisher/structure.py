@@ -1,0 +1,760 @@
+r"""Exact structure of the Fisher-family operators from their factor.
+
+Every curvature operator of this package is a Gram matrix
+
+.. math::
+    \mathbf{A} = \sum_b c_b \sum_{t \in b}
+        \mathbf{J}_t^\top \mathbf{B}_t \mathbf{B}_t^\top \mathbf{J}_t
+    = \mathbf{U}^\top \mathbf{U},
+    \qquad
+    \mathbf{U} = \big[\sqrt{c_b}\, \mathbf{B}_t^\top \mathbf{J}_t\big]_{b, t}
+    \in \mathbb{R}^{n \times P},
+
+with :math:`n = \sum_b T_b R` rows, ordered by batch, then loss term ``t``, then
+column ``r`` of :math:`\mathbf{B}_t` (``R = C`` for the GGN, ``1`` for the empirical
+Fisher, ``M`` for the MC Fisher). The rows of one batch are VJPs of the model: one
+forward pass per batch, then ``vmap`` of its VJP over the cotangents
+:math:`\sqrt{c_b}\,\mathbf{B}_t \mathbf{e}_r` placed at term ``t``, in chunks of rows
+that fit a memory budget. From :math:`\mathbf{U}` follow, exactly:
+
+- the dense matrix :math:`\sum_b \mathbf{U}_b^\top \mathbf{U}_b`,
+- the trace :math:`\|\mathbf{U}\|_F^2` and the diagonal
+  :math:`\operatorname{diag}(\mathbf{A})_i = \sum_j U_{ji}^2`,
+- the top eigenpairs through the small Gram matrix
+  :math:`\mathbf{G} = \mathbf{U}\mathbf{U}^\top` (:math:`n \times n`): if
+  :math:`\mathbf{G}\mathbf{w} = \lambda \mathbf{w}` then
+  :math:`\mathbf{A}\,\mathbf{U}^\top\mathbf{w} = \lambda\,\mathbf{U}^\top\mathbf{w}`
+  and :math:`\|\mathbf{U}^\top\mathbf{w}\|^2 = \lambda`,
+- a cached operator that keeps :math:`\mathbf{U}` and multiplies with two GEMMs.
+
+The reductions below work on any iterable of row chunks, so the streaming operator
+(:class:`ExactStructureMixin`, rows recomputed on every call) and the cached one
+(:class:`CachedCurvatureLinearOperator`, rows stored) share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from math import prod, sqrt
+from typing import Literal
+
+import numpy
+import torch
+from scipy.sparse.linalg import eigsh
+from torch import Size, Tensor
+from torch.func import vjp, vmap
+
+from curvlinops_fisher.core import ModelFunction, batch_curvature_matmat
+from curvlinops_fisher.data import ModelInput
+from curvlinops_fisher.errors import FactorMemoryError
+from curvlinops_fisher.factors import (
+    BatchOutputFactor,
+    OutputFactorKind,
+)
+from curvlinops_fisher.linop import PyTorchLinearOperator, _flat_to_list, _list_to_flat
+from curvlinops_fisher.losses import FisherLoss
+
+#: Default memory budget (bytes) of one chunk of factor rows: 256 MiB. A chunk of
+#: ``k`` rows holds ``k`` cotangents (model-output sized) and ``k`` parameter-sized
+#: rows; the activations of the ``k``-fold batched backward pass are not counted.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: Default memory budget (bytes) of what :meth:`ExactStructureMixin.eigh` holds on
+#: its Gram path (the ``n x n`` Gram matrix; the ``n x P`` factor if it also fits):
+#: 256 MiB.
+DEFAULT_MAX_BYTES = 256 * 2**20
+#: Seed of the generator that draws the orthonormal completion of
+#: :meth:`ExactStructureMixin.eigh` and the start vector of ``eigsh``.
+_EIGH_SEED = 0
+
+EighMethod = Literal["auto", "gram", "eigsh"]
+_EIGH_METHODS = ("auto", "gram", "eigsh")
+
+
+# ----------------------------------------------------------------- one batch
+
+
+class _FixedFactorKind(OutputFactorKind):
+    """Hands out one factor that is already built (so an MC product sees its sample)."""
+
+    def __init__(self, factor: BatchOutputFactor):
+        self.factor = factor
+
+    def for_batch(  # noqa: D102
+        self, loss: FisherLoss, output: Tensor, y: Tensor
+    ) -> BatchOutputFactor:
+        return self.factor
+
+
+@dataclass
+class LinearizedBatch:
+    r"""One batch after its forward pass: its factor rows, computed on demand.
+
+    The rows are :math:`\sqrt{c}\,\mathbf{B}_t^\top \mathbf{J}_t` for the batch's
+    ``T`` loss terms, i.e. ``T * R`` rows of length ``P``, term-major.
+
+    Attributes:
+        model_function: ``f(param_values, X)``.
+        params: The parameter values (linearization point).
+        X: The batch input.
+        y: The batch targets.
+        loss: The loss wrapper.
+        output_factor: The batch's output-space factor (holds the MC sample).
+        scale: The batch's reduction scale :math:`c`.
+        output_shape: Shape of the batch's model output.
+        vjp_fn: VJP of the batch's forward pass w.r.t. ``params``.
+    """
+
+    model_function: ModelFunction
+    params: tuple[Tensor, ...]
+    X: ModelInput
+    y: Tensor
+    loss: FisherLoss
+    output_factor: BatchOutputFactor
+    scale: float
+    output_shape: Size
+    vjp_fn: Callable[[Tensor], tuple[tuple[Tensor, ...]]]
+
+    @cached_property
+    def scaled_factor(self) -> Tensor:
+        r""":math:`\sqrt{c}\,\mathbf{B}_t` for every term, shape ``(T, C, R)``."""
+        return self.output_factor.matrix() * sqrt(self.scale)
+
+    @property
+    def num_rows(self) -> int:
+        """Number ``T * R`` of factor rows of the batch."""
+        T, _, R = self.scaled_factor.shape
+        return T * R
+
+    @property
+    def dim(self) -> int:
+        """Number ``P`` of parameters (the length of a row)."""
+        return sum(p.numel() for p in self.params)
+
+    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Tensor]:
+        """Yield the rows in chunks of at most ``chunk_bytes`` (at least one row each).
+
+        Args:
+            chunk_bytes: Memory budget of one chunk: its rows and their cotangents.
+
+        Yields:
+            Consecutive blocks of rows, each of shape ``[k, P]``.
+        """
+        itemsize = self.scaled_factor.dtype.itemsize
+        row_bytes = (self.dim + prod(self.output_shape)) * itemsize
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(0, self.num_rows, step):
+            yield self._rows_between(start, min(start + step, self.num_rows))
+
+    def rows(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+        """All rows of the batch, shape ``[T * R, P]`` (computed chunk by chunk)."""
+        chunks = list(self.chunks(chunk_bytes))
+        if not chunks:
+            return self.scaled_factor.new_zeros(0, self.dim)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _rows_between(self, start: int, stop: int) -> Tensor:
+        r"""Rows ``start:stop``: one batched VJP of the cotangents of these rows.
+
+        Row ``i = t R + r`` has the cotangent :math:`\sqrt{c}\,\mathbf{B}_t
+        \mathbf{e}_r` at term ``t`` and zeros elsewhere.
+        """
+        B = self.scaled_factor
+        T, C, R = B.shape
+        index = torch.arange(start, stop, device=B.device)
+        terms, columns = index // R, index % R
+        W = B.new_zeros(stop - start, T, C)
+        W[torch.arange(stop - start, device=B.device), terms] = B[terms, :, columns]
+        cotangents = self.loss.unflatten(W, self.output_shape, lead=1)
+        (grads,) = vmap(self.vjp_fn)(cotangents)
+        return _join_rows(grads)
+
+    def matmat(
+        self, V: tuple[Tensor, ...], max_columns: int | None
+    ) -> tuple[Tensor, ...]:
+        """The batch's curvature times ``V`` (leading column axis), same factor.
+
+        Uses :func:`~curvlinops_fisher.core.batch_curvature_matmat` with this batch's
+        output factor, so the MC Fisher uses the same sample as the rows.
+
+        Args:
+            V: Matrix in tensor list format with a leading column axis.
+            max_columns: Most columns that share one forward pass.
+
+        Returns:
+            The product in the format of ``V``.
+        """
+        return batch_curvature_matmat(
+            self.model_function,
+            self.params,
+            self.X,
+            self.y,
+            V,
+            self.loss,
+            _FixedFactorKind(self.output_factor),
+            scale=self.scale,
+            max_columns=max_columns,
+        )
+
+
+def linearize_batch(
+    model_function: ModelFunction,
+    params: tuple[Tensor, ...],
+    X: ModelInput,
+    y: Tensor,
+    loss: FisherLoss,
+    factor_kind: OutputFactorKind,
+    scale: float = 1.0,
+    check_targets: bool = False,
+) -> LinearizedBatch:
+    """Run one batch's forward pass (keeping its VJP) and build its output factor.
+
+    For the MC Fisher this draws the batch's samples from ``factor_kind``'s generator:
+    call it once per batch, in data order.
+
+    Args:
+        model_function: ``f(param_values, X)``.
+        params: Parameter values (the linearization point).
+        X: The batch's input.
+        y: The batch's targets.
+        loss: The loss wrapper.
+        factor_kind: Which curvature matrix (GGN, MC Fisher, EF).
+        scale: The batch's reduction scale :math:`c`.
+        check_targets: Validate ``y`` against the output first.
+
+    Returns:
+        The linearized batch.
+    """
+    output, vjp_fn = vjp(lambda p: model_function(p, X), params)
+    if check_targets:
+        loss.check_targets(output, y)
+    output_factor = factor_kind.for_batch(
+        loss, loss.flatten(output), loss.flatten_targets(y, output)
+    )
+    return LinearizedBatch(
+        model_function, params, X, y, loss, output_factor, scale, output.shape, vjp_fn
+    )
+
+
+def _join_rows(tensors: Iterable[Tensor]) -> Tensor:
+    """Tensor list with a leading row axis ``k`` -> flat rows ``[k, P]``."""
+    tensors = list(tensors)
+    rows = [t.reshape(t.shape[0], -1) for t in tensors]
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+
+
+def _split_rows(rows: Tensor, shapes: list[Size]) -> tuple[Tensor, ...]:
+    """Flat rows ``[k, P]`` -> tensor list with a leading row axis ``k``."""
+    blocks = rows.split([s.numel() for s in shapes], dim=1)
+    return tuple(b.reshape(rows.shape[0], *s) for b, s in zip(blocks, shapes))
+
+
+# -------------------------------------------- reductions over chunks of rows
+
+
+def add_gram(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
+    r"""Accumulate :math:`\sum_i \mathbf{U}_i^\top \mathbf{U}_i` into ``out`` ``[P, P]``."""
+    for U in chunks:
+        out.addmm_(U.mT, U)
+    return out
+
+
+def add_squared_norm(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
+    r"""Accumulate :math:`\sum_i \|\mathbf{U}_i\|_F^2` into the scalar ``out``."""
+    for U in chunks:
+        out.add_(U.square().sum())
+    return out
+
+
+def add_column_squares(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
+    r"""Accumulate the squared column norms :math:`\sum_i \sum_j (U_i)_{j:}^2` into ``out``."""
+    for U in chunks:
+        out.add_(U.square().sum(0))
+    return out
+
+
+def add_transpose_product(chunks: Iterable[Tensor], W: Tensor, out: Tensor) -> Tensor:
+    r"""Accumulate :math:`\mathbf{U}^\top \mathbf{W}` into ``out`` ``[P, k]``.
+
+    Args:
+        chunks: The rows of :math:`\mathbf{U}` in order, in chunks.
+        W: Matrix ``[n, k]`` whose rows match the rows of :math:`\mathbf{U}`.
+        out: Accumulator ``[P, k]``.
+
+    Returns:
+        ``out``.
+    """
+    start = 0
+    for U in chunks:
+        out.addmm_(U.mT, W[start : start + U.shape[0]])
+        start += U.shape[0]
+    return out
+
+
+# ------------------------------------------------------------ eigenpairs
+
+
+def _check_eigh_args(k: object, dim: int, method: object) -> None:
+    """Validate ``k`` (``1 <= k <= P``) and ``method``."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
+        raise ValueError(f"k must be an int with 1 <= k <= P = {dim}; got {k!r}.")
+    if method not in _EIGH_METHODS:
+        raise ValueError(f"method must be one of {_EIGH_METHODS}; got {method!r}.")
+
+
+def prefer_gram(num_rows: int, dim: int, itemsize: int, max_bytes: int) -> bool:
+    """Whether ``eigh(method='auto')`` takes the Gram path.
+
+    It does when the factor is short (``n <= P / 2``) and the ``n x n`` Gram matrix
+    fits ``max_bytes``.
+    """
+    return 2 * num_rows <= dim and num_rows**2 * itemsize <= max_bytes
+
+
+def eigsh_top(op: PyTorchLinearOperator, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest eigenpairs with SciPy's ``eigsh`` (Lanczos, products only).
+
+    The start vector is drawn from a fixed seed, so the result is reproducible.
+
+    Args:
+        op: A symmetric operator.
+        k: Number of eigenpairs, ``1 <= k < P``.
+
+    Returns:
+        Eigenvalues ``[k]`` in descending order and eigenvectors ``[P, k]``.
+
+    Raises:
+        ValueError: If ``k >= P`` (ARPACK needs ``k < P``).
+    """
+    dim = op.shape[1]
+    if k >= dim:
+        raise ValueError(
+            f"eigsh needs k < P = {dim}; got k={k}. Use method='gram', or "
+            "torch.linalg.eigh(op.to_dense()) for all eigenpairs."
+        )
+    scipy_op = op.to_scipy()
+    v0 = numpy.random.default_rng(_EIGH_SEED).standard_normal(dim)
+    values, vectors = eigsh(scipy_op, k=k, which="LA", v0=v0.astype(scipy_op.dtype))
+    order = numpy.argsort(values)[::-1]
+    return (
+        torch.as_tensor(values[order].copy(), dtype=op.dtype, device=op.device),
+        torch.as_tensor(vectors[:, order].copy(), dtype=op.dtype, device=op.device),
+    )
+
+
+def gram_eigh(
+    gram: Tensor, transpose_product: Callable[[Tensor], Tensor], k: int
+) -> tuple[Tensor, Tensor]:
+    r"""The ``k`` largest eigenpairs of :math:`\mathbf{U}^\top\mathbf{U}` from its Gram matrix.
+
+    With :math:`\mathbf{G} = \mathbf{U}\mathbf{U}^\top = \mathbf{W}\boldsymbol\Lambda
+    \mathbf{W}^\top`, the eigenvectors are :math:`\mathbf{v}_i =
+    \mathbf{U}^\top\mathbf{w}_i / \sqrt{\lambda_i}`. Eigenvalues at or below
+    :math:`\lambda_\max \cdot n \cdot \varepsilon` (the rounding level of
+    :math:`\mathbf{G}`'s eigenvalues) count as zero. If ``k`` exceeds the number
+    ``r`` of the others (the numerical rank), the last ``k - r`` eigenvalues are 0 and
+    their eigenvectors an orthonormal completion (from a fixed seed) of the first
+    ``r``, i.e. they span part of the null space. The vectors are re-orthonormalized
+    (QR, largest eigenvalue first, signs kept), which removes the loss of
+    orthogonality of :math:`\mathbf{U}^\top\mathbf{w}_i` for small :math:`\lambda_i`.
+
+    Args:
+        gram: :math:`\mathbf{G}`, ``[n, n]``.
+        transpose_product: ``W -> U^T W`` for ``W`` of shape ``[n, m]``.
+        k: Number of eigenpairs, ``1 <= k <= P``.
+
+    Returns:
+        Eigenvalues ``[k]`` in descending order and orthonormal eigenvectors
+        ``[P, k]``.
+    """
+    values, W = torch.linalg.eigh(gram)
+    values, W = values.flip(0), W.flip(1)
+    n = values.shape[0]
+    largest = float(values[0]) if n else 0.0
+    tol = max(largest, 0.0) * n * torch.finfo(values.dtype).eps
+    rank = int((values > tol).sum())
+    m = min(k, rank)
+    vectors = transpose_product(W[:, :m]) / values[:m].sqrt()
+    eigenvalues = torch.cat([values[:m], values.new_zeros(k - m)])
+    return eigenvalues, _orthonormal_completion(vectors, k)
+
+
+def _orthonormal_completion(V: Tensor, k: int) -> Tensor:
+    """Orthonormalize the columns of ``V`` ``[P, m]`` in order, completed to ``k``."""
+    dim, m = V.shape
+    if m < k:
+        generator = torch.Generator(device=V.device).manual_seed(_EIGH_SEED)
+        fill = torch.randn(
+            dim, k - m, generator=generator, dtype=V.dtype, device=V.device
+        )
+        V = torch.cat([V, fill], dim=1)
+    Q, R = torch.linalg.qr(V)
+    signs = torch.where(R.diagonal() < 0, -1.0, 1.0).to(V.dtype)
+    return Q * signs
+
+
+def factor_eigh(U: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    r"""The ``k`` largest eigenpairs of :math:`\mathbf{U}^\top\mathbf{U}` for a held ``U``."""
+    return gram_eigh(U @ U.mT, lambda W: U.mT @ W, k)
+
+
+# ------------------------------------------------------ streaming operators
+
+
+class ExactStructureMixin:
+    r"""Exact dense matrix, trace, diagonal, eigenpairs and factor of a curvature operator.
+
+    Mixed into :class:`~curvlinops_fisher.curvature.CurvatureLinearOperator`, whose
+    data, loss, scale and factor kind it uses. Nothing is kept between calls: every
+    method makes its own passes over the data and computes the factor rows
+    :math:`\mathbf{U}_b` batch by batch (see the module docstring), in chunks of at
+    most ``chunk_bytes``. Each pass starts from the MC Fisher's freshly seeded
+    generator (a private copy of it, so products or other passes run while a pass is
+    consumed do not disturb it), hence all methods see the sample products use.
+
+    :meth:`cached` returns an operator that keeps :math:`\mathbf{U}`.
+    """
+
+    # -------------------------------------------------------------- passes
+    def _linearized_batches(self) -> Iterator[LinearizedBatch]:
+        """One pass over the data: every batch linearized, with its factor, in order."""
+        factor_kind = self._factor_kind()  # freshly seeded: once per pass
+        params = self._param_values()
+        for X, y in self._batches("factor"):
+            yield linearize_batch(
+                self._model_function,
+                params,
+                X,
+                y,
+                self._loss,
+                factor_kind,
+                scale=self._loss.batch_scale(y, self._batch_size(X), self._N_data),
+                check_targets=not self._targets_checked,
+            )
+        self._targets_checked = True
+
+    def _factor_chunks(self, chunk_bytes: int) -> Iterator[Tensor]:
+        """All factor rows in order, in chunks (one pass)."""
+        for batch in self._linearized_batches():
+            yield from batch.chunks(chunk_bytes)
+
+    def _row_counts(self) -> list[int]:
+        """Number of factor rows of each batch (one pass of forwards, no VJPs)."""
+        return [batch.num_rows for batch in self._linearized_batches()]
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -------------------------------------------------------------- factor
+    def factor_batches(
+        self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> Iterator[Tensor]:
+        r"""Yield the factor rows :math:`\mathbf{U}_b` batch by batch.
+
+        :math:`\mathbf{U}_b = [\sqrt{c_b}\,\mathbf{B}_t^\top\mathbf{J}_t]_{t \in b}`,
+        rows ordered by term, then column of :math:`\mathbf{B}_t`, so that
+        :math:`\mathbf{A} = \sum_b \mathbf{U}_b^\top \mathbf{U}_b`. Cost per batch:
+        one forward pass and ``T_b R`` VJPs (batched with ``vmap``, ``chunk_bytes``
+        at a time).
+
+        Args:
+            chunk_bytes: Memory budget of one chunk of rows (default 256 MiB).
+
+        Yields:
+            :math:`\mathbf{U}_b` of shape ``[T_b * R, P]``, in data order.
+        """
+        for batch in self._linearized_batches():
+            yield batch.rows(chunk_bytes)
+
+    def factor(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+        r"""The factor :math:`\mathbf{U}` with :math:`\mathbf{A} = \mathbf{U}^\top\mathbf{U}`.
+
+        Args:
+            chunk_bytes: Memory budget of one chunk of rows (default 256 MiB).
+
+        Returns:
+            :math:`\mathbf{U}`, shape ``[n, P]``: the blocks of
+            :meth:`factor_batches`, stacked.
+        """
+        return torch.cat(list(self.factor_batches(chunk_bytes=chunk_bytes)))
+
+    def cached(
+        self, max_bytes: int | None = None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> CachedCurvatureLinearOperator:
+        r"""An operator of the same matrix that keeps :math:`\mathbf{U}` in memory.
+
+        Its products cost two matrix products (:math:`\mathbf{U}^\top(\mathbf{U}
+        \mathbf{X})`) instead of passes over the data. It is a snapshot: later
+        changes of the parameters, data or the MC Fisher's seed do not reach it.
+
+        Args:
+            max_bytes: Most bytes :math:`\mathbf{U}` may take (``None``: no limit).
+                With a limit, one pass of forward passes counts the rows first.
+            chunk_bytes: Memory budget of one chunk of rows (default 256 MiB).
+
+        Returns:
+            The cached operator.
+
+        Raises:
+            FactorMemoryError: If :math:`\mathbf{U}` needs more than ``max_bytes``
+                (a ``MemoryError`` and ``ValueError``; the message gives the bytes).
+        """
+        if max_bytes is not None:
+            num_rows = sum(self._row_counts())
+            if num_rows * self.shape[1] * self.dtype.itemsize > max_bytes:
+                raise FactorMemoryError(
+                    num_rows, self.shape[1], self.dtype.itemsize, max_bytes
+                )
+        U = self.factor(chunk_bytes=chunk_bytes)
+        return CachedCurvatureLinearOperator(U, [tuple(s) for s in self._in_shape])
+
+    # ------------------------------------------------------ exact structure
+    def to_dense(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+        r"""The matrix :math:`\mathbf{A}` as a dense ``[P, P]`` tensor.
+
+        Accumulated batch by batch: a batch with ``T_b R <= P`` rows adds
+        :math:`\mathbf{U}_b^\top\mathbf{U}_b` (``T_b R`` VJPs), a batch with more rows
+        adds its curvature times the identity (``P`` columns of products, same output
+        factor and MC sample), whichever needs fewer passes. Peak memory: the result
+        plus one chunk of ``chunk_bytes``.
+
+        Args:
+            chunk_bytes: Memory budget of one chunk of rows or identity columns
+                (default 256 MiB).
+
+        Returns:
+            :math:`\mathbf{A}`, equal to ``self @ torch.eye(P)`` up to rounding.
+        """
+        dim = self.shape[1]
+        dense = self._zeros(dim, dim)
+        for batch in self._linearized_batches():
+            if batch.num_rows <= dim:
+                add_gram(batch.chunks(chunk_bytes), out=dense)
+            else:
+                self._add_batch_columns(batch, dense, chunk_bytes)
+        return dense
+
+    def _add_batch_columns(
+        self, batch: LinearizedBatch, dense: Tensor, chunk_bytes: int
+    ) -> None:
+        """Add the batch's curvature times the identity to ``dense``, column blocks."""
+        dim = dense.shape[0]
+        step = max(1, chunk_bytes // (dim * dense.dtype.itemsize))
+        for start in range(0, dim, step):
+            stop = min(dim, start + step)
+            unit_rows = self._zeros(stop - start, dim)
+            index = torch.arange(stop - start, device=self.device)
+            unit_rows[index, index + start] = 1.0
+            columns = batch.matmat(
+                _split_rows(unit_rows, self._in_shape), self.max_columns_per_pass
+            )
+            dense[:, start:stop] += _join_rows(columns).mT
+
+    def trace(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+        r"""The exact trace :math:`\operatorname{tr}\mathbf{A} = \|\mathbf{U}\|_F^2`.
+
+        Args:
+            chunk_bytes: Memory budget of one chunk of rows (default 256 MiB).
+
+        Returns:
+            A scalar tensor.
+        """
+        return add_squared_norm(self._factor_chunks(chunk_bytes), out=self._zeros())
+
+    def diagonal(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+        r"""The exact diagonal :math:`A_{ii} = \sum_j U_{ji}^2`.
+
+        Args:
+            chunk_bytes: Memory budget of one chunk of rows (default 256 MiB).
+
+        Returns:
+            A tensor ``[P]`` (flat parameter order).
+        """
+        return add_column_squares(
+            self._factor_chunks(chunk_bytes), out=self._zeros(self.shape[1])
+        )
+
+    def eigh(
+        self,
+        k: int,
+        *,
+        method: EighMethod = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> tuple[Tensor, Tensor]:
+        r"""The ``k`` largest eigenvalues and their eigenvectors.
+
+        Two paths:
+
+        - ``'gram'``: the ``n x n`` Gram matrix :math:`\mathbf{U}\mathbf{U}^\top`,
+          its eigendecomposition, and :math:`\mathbf{v} = \mathbf{U}^\top
+          \mathbf{w}/\sqrt\lambda` (see :func:`gram_eigh` for zero eigenvalues: if
+          ``k`` exceeds the numerical rank, the rest are zeros with an orthonormal
+          completion). :math:`\mathbf{U}` is held if it fits ``max_bytes``;
+          otherwise the Gram blocks :math:`\mathbf{U}_a\mathbf{U}_b^\top` are
+          formed by recomputing the batches' rows (one pass per batch ``a``), and
+          :math:`\mathbf{U}^\top\mathbf{W}` by one more pass.
+        - ``'eigsh'``: SciPy's Lanczos ``eigsh(self.to_scipy(), k, which='LA')``,
+          which needs ``k < P``.
+
+        ``'auto'`` counts the rows ``n`` (one pass of forward passes) and takes the
+        Gram path if ``n <= P / 2`` and the Gram matrix fits ``max_bytes``, else
+        ``eigsh``.
+
+        Args:
+            k: Number of eigenpairs, ``1 <= k <= P`` (``k < P`` for ``eigsh``).
+            method: ``'auto'``, ``'gram'`` or ``'eigsh'``.
+            chunk_bytes: Memory budget of one chunk of rows (default 256 MiB).
+            max_bytes: Memory budget of what the Gram path holds (default 256 MiB).
+
+        Returns:
+            Eigenvalues ``[k]`` in descending order and orthonormal eigenvectors
+            ``[P, k]`` (columns, flat parameter order).
+
+        Raises:
+            ValueError: For an invalid ``k`` or ``method``.
+        """
+        dim = self.shape[1]
+        _check_eigh_args(k, dim, method)
+        if method != "eigsh":
+            counts = self._row_counts()
+            num_rows = sum(counts)
+            itemsize = self.dtype.itemsize
+            if method == "gram" or prefer_gram(num_rows, dim, itemsize, max_bytes):
+                if num_rows * dim * itemsize <= max_bytes:
+                    return factor_eigh(self.factor(chunk_bytes=chunk_bytes), k)
+                return gram_eigh(
+                    self._streamed_gram(counts, chunk_bytes),
+                    lambda W: add_transpose_product(
+                        self._factor_chunks(chunk_bytes),
+                        W,
+                        out=self._zeros(dim, W.shape[1]),
+                    ),
+                    k,
+                )
+        return eigsh_top(self, k)
+
+    def _streamed_gram(self, counts: list[int], chunk_bytes: int) -> Tensor:
+        r"""The Gram matrix :math:`\mathbf{U}\mathbf{U}^\top` without holding :math:`\mathbf{U}`.
+
+        For each batch ``a`` one pass: hold :math:`\mathbf{U}_a` and form the blocks
+        :math:`\mathbf{U}_a\mathbf{U}_b^\top` for ``b >= a`` from chunks of
+        :math:`\mathbf{U}_b` (batches before ``a`` only draw their MC sample).
+
+        Args:
+            counts: Number of rows of each batch.
+            chunk_bytes: Memory budget of one chunk of rows.
+
+        Returns:
+            The ``[n, n]`` Gram matrix.
+        """
+        offsets = numpy.concatenate([[0], numpy.cumsum(counts)]).tolist()
+        gram = self._zeros(offsets[-1], offsets[-1])
+        for a in range(len(counts)):
+            rows_a = slice(offsets[a], offsets[a + 1])
+            held: Tensor | None = None
+            for b, batch in enumerate(self._linearized_batches()):
+                if b < a:
+                    continue
+                if b == a:
+                    held = batch.rows(chunk_bytes)
+                start = offsets[b]
+                for chunk in [held] if b == a else batch.chunks(chunk_bytes):
+                    block = held @ chunk.mT
+                    stop = start + chunk.shape[0]
+                    gram[rows_a, start:stop] = block
+                    gram[start:stop, rows_a] = block.mT
+                    start = stop
+        return gram
+
+
+# --------------------------------------------------------- cached operator
+
+
+class CachedCurvatureLinearOperator(PyTorchLinearOperator):
+    r"""A curvature matrix :math:`\mathbf{A} = \mathbf{U}^\top\mathbf{U}` with ``U`` held.
+
+    Created by :meth:`ExactStructureMixin.cached`. A product costs two matrix
+    products, :math:`\mathbf{U}^\top(\mathbf{U}\mathbf{X})` (:math:`O(nPK)`), and no
+    pass over the data; :meth:`to_dense`, :meth:`trace`, :meth:`diagonal` and
+    :meth:`eigh` use the held factor with the same functions as the streaming
+    operator.
+
+    Args:
+        U: The factor, shape ``[n, P]``.
+        shapes: The parameter shapes (the operator's list structure).
+    """
+
+    SELF_ADJOINT: bool = True
+
+    def __init__(self, U: Tensor, shapes: list[tuple[int, ...]]):
+        """Store the factor (see the class docstring)."""
+        super().__init__(shapes, shapes)
+        if U.ndim != 2 or U.shape[1] != self.shape[1]:
+            raise ValueError(
+                f"U must have shape [n, P] with P = {self.shape[1]}; got "
+                f"{tuple(U.shape)}."
+            )
+        self._U = U
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Data type of the factor."""
+        return self._U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the factor."""
+        return self._U.device
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Multiply onto a matrix in tensor list format with a trailing column axis."""
+        X = _list_to_flat(M, self._in_shape_flat)
+        return _flat_to_list(self._U.mT @ (self._U @ X), self._out_shape)
+
+    def factor(self) -> Tensor:
+        r"""The held factor :math:`\mathbf{U}` ``[n, P]`` (not a copy)."""
+        return self._U
+
+    def to_dense(self) -> Tensor:
+        r"""The matrix :math:`\mathbf{U}^\top\mathbf{U}`, ``[P, P]``."""
+        dim = self.shape[1]
+        return add_gram([self._U], out=self._U.new_zeros(dim, dim))
+
+    def trace(self) -> Tensor:
+        r"""The exact trace :math:`\|\mathbf{U}\|_F^2` (a scalar tensor)."""
+        return add_squared_norm([self._U], out=self._U.new_zeros(()))
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal (squared column norms of ``U``), ``[P]``."""
+        return add_column_squares([self._U], out=self._U.new_zeros(self.shape[1]))
+
+    def eigh(
+        self,
+        k: int,
+        *,
+        method: EighMethod = "auto",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> tuple[Tensor, Tensor]:
+        """The ``k`` largest eigenpairs; see :meth:`ExactStructureMixin.eigh`.
+
+        Args:
+            k: Number of eigenpairs, ``1 <= k <= P`` (``k < P`` for ``eigsh``).
+            method: ``'auto'``, ``'gram'`` or ``'eigsh'`` (products with the held
+                factor).
+            max_bytes: Largest Gram matrix ``'auto'`` forms (default 256 MiB).
+
+        Returns:
+            Eigenvalues ``[k]`` in descending order and orthonormal eigenvectors
+            ``[P, k]``.
+        """
+        dim = self.shape[1]
+        _check_eigh_args(k, dim, method)
+        num_rows = self._U.shape[0]
+        if method == "gram" or (
+            method == "auto"
+            and prefer_gram(num_rows, dim, self.dtype.itemsize, max_bytes)
+        ):
+            return factor_eigh(self._U, k)
+        return eigsh_top(self, k)
