@@ -21,6 +21,10 @@ from curvlinops_fisher.estimators import (
     xdiag,
     xtrace,
 )
+from curvlinops_fisher.fisher_trace import (
+    empirical_fisher_trace,
+    generalized_fisher_trace,
+)
 from curvlinops_fisher.linop import IdentityLinearOperator, PyTorchLinearOperator
 from curvlinops_fisher.structure import CachedCurvatureLinearOperator
 
@@ -34,6 +38,8 @@ __all__ = [
     "GGNLinearOperator",
     "IdentityLinearOperator",
     "PyTorchLinearOperator",
+    "empirical_fisher_trace",
+    "generalized_fisher_trace",
     "hutchinson_diag",
     "hutchinson_squared_fro",
     "hutchinson_trace",

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn import Module
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -156,21 +157,14 @@ def batch_curvature_matmat(
     results = []
     for start in range(0, K, step):
         V_chunk = tuple(v[start : start + step] for v in V)
-        # a single column skips vmap: same numbers, less dispatch overhead
-        batched = V_chunk[0].shape[0] > 1
-
-        def forward_with_tangents(
-            p: tuple[Tensor, ...], V_chunk: tuple[Tensor, ...] = V_chunk
-        ) -> tuple[Tensor, Tensor]:
-            def output_and_jvp(v: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-                return jvp(lambda q: model_function(q, X), (p,), (v,))
-
-            if batched:
-                return vmap(output_and_jvp, out_dims=(None, 0))(V_chunk)
-            output, jv = output_and_jvp(tuple(v[0] for v in V_chunk))
-            return output, jv.unsqueeze(0)
-
-        output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
+        if V_chunk[0].shape[0] == 1:
+            output, JV, backward = _linearize_one_column(
+                model_function, params, X, V_chunk
+            )
+        else:
+            output, JV, backward = _linearize_columns(
+                model_function, params, X, V_chunk
+            )
         if factor is None:
             if check_targets:
                 loss.check_targets(output, y)
@@ -180,13 +174,83 @@ def batch_curvature_matmat(
         W = factor.apply(loss.flatten(JV, lead=1))
         if scale != 1.0:
             W = W * scale
-        cotangents = loss.unflatten(W, output.shape, lead=1)
-        if batched:
-            (result,) = vmap(vjp_fn)(cotangents)
-        else:
-            (result,) = vjp_fn(cotangents[0])
-            result = tuple(r.unsqueeze(0) for r in result)
-        results.append(result)
+        results.append(backward(loss.unflatten(W, output.shape, lead=1)))
     if len(results) == 1:
         return results[0]
     return tuple(torch.cat(chunks) for chunks in zip(*results))
+
+
+Linearization = tuple[Tensor, Tensor, Callable[[Tensor], tuple[Tensor, ...]]]
+
+
+def _linearize_columns(
+    model_function: ModelFunction,
+    params: tuple[Tensor, ...],
+    X: ModelInput,
+    V: tuple[Tensor, ...],
+) -> Linearization:
+    """Forward pass with ``K`` tangents (``torch.func``: ``vmap`` of ``jvp`` in ``vjp``).
+
+    The primal is computed once; the tangents of the ``K`` columns are batched.
+
+    Args:
+        model_function: ``f(param_values, X)``.
+        params: Parameter values.
+        X: Batch input.
+        V: Columns with a leading axis, ``V[i]`` of shape ``(K, *params[i].shape)``.
+
+    Returns:
+        The detached output, the Jacobian-vector products ``(K, *output.shape)``, and
+        the VJP for cotangents ``(K, *output.shape)``, batched over the columns.
+    """
+
+    def forward_with_tangents(p: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        def output_and_jvp(v: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+            return jvp(lambda q: model_function(q, X), (p,), (v,))
+
+        return vmap(output_and_jvp, out_dims=(None, 0))(V)
+
+    output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
+
+    def backward(cotangents: Tensor) -> tuple[Tensor, ...]:
+        (result,) = vmap(vjp_fn)(cotangents)
+        return result
+
+    return output, JV, backward
+
+
+def _linearize_one_column(
+    model_function: ModelFunction,
+    params: tuple[Tensor, ...],
+    X: ModelInput,
+    V: tuple[Tensor, ...],
+) -> Linearization:
+    """Forward pass with one tangent, in eager mode (same contract as the batched one).
+
+    Dual numbers (``torch.autograd.forward_ad``) carry the tangent through one forward
+    pass whose primal is recorded by autograd; the VJP is a plain backward pass. For a
+    single column this has less dispatch overhead than nested ``torch.func``
+    transforms and gives the same numbers.
+
+    Args:
+        model_function: ``f(param_values, X)``.
+        params: Parameter values.
+        X: Batch input.
+        V: One column, ``V[i]`` of shape ``(1, *params[i].shape)``.
+
+    Returns:
+        See :func:`_linearize_columns`.
+    """
+    leaves = tuple(p.detach().requires_grad_() for p in params)
+    with torch.enable_grad(), forward_ad.dual_level():
+        duals = tuple(forward_ad.make_dual(leaf, v[0]) for leaf, v in zip(leaves, V))
+        output, jv = forward_ad.unpack_dual(model_function(duals, X))
+
+    def backward(cotangents: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(output, leaves, cotangents[0], allow_unused=True)
+        return tuple(
+            torch.zeros_like(leaf).unsqueeze(0) if g is None else g.unsqueeze(0)
+            for leaf, g in zip(leaves, grads)
+        )
+
+    return output.detach(), jv.detach().unsqueeze(0), backward
