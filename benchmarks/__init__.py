@@ -1,0 +1,1 @@
+"""Benchmark harness of curvlinops_fisher (run ``python benchmarks/run.py --help``)."""

@@ -1,0 +1,120 @@
+"""Timing and peak-memory primitives.
+
+Timing: wall-clock ``time.perf_counter`` around one call, one warm-up call, then the
+median (and minimum) of ``repeats`` calls.
+
+Memory: the peak resident set size (RSS) a call adds on top of the RSS before it, from
+the process' RSS high-water mark (:func:`peak_rss_bytes`). Because the high-water mark
+never goes down by itself, it only measures a call if nothing before the call peaked
+higher; on Linux, writing ``5`` to ``/proc/self/clear_refs`` resets it to the current
+RSS, which :func:`reset_peak_rss` does when it is allowed to. See ``benchmarks/README.md`` for the method and its limits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Time a call: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    Args:
+        fn: The call to time.
+        repeats: Number of timed calls (at least 1).
+        warmup: Number of untimed calls before.
+
+    Returns:
+        ``{"median": s, "min": s, "samples": [s, ...]}`` in seconds.
+    """
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "samples": samples,
+    }
+
+
+def peak_rss_bytes() -> int:
+    """The RSS high-water mark of this process in bytes.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``, the high-water mark of
+    this process' own address space, which :func:`reset_peak_rss` resets.
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` reports the same figure but never less than
+    the RSS the process had when it was forked (the parent's size, inherited through
+    ``exec``), which for a small workload hides the measured call entirely. Elsewhere,
+    ``ru_maxrss`` is used.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # Linux: KiB
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc only)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0).
+
+    Returns:
+        Whether the reset worked.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_memory(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Peak RSS that one call adds, in bytes.
+
+    Frees what can be freed, resets the RSS high-water mark where possible, then
+    returns the high-water mark after the call minus the one before it. Without a
+    reset, the result is ``max(0, peak during the call - earlier peak)``, so it is only
+    meaningful if nothing before the call peaked higher (no warm-up call).
+
+    Args:
+        fn: The call; its result is dropped only after the measurement.
+
+    Returns:
+        ``{"bytes": int, "peak_reset": bool, "baseline_bytes": int}``, where
+        ``baseline_bytes`` is the high-water mark just before the call.
+    """
+    release_free_memory()
+    reset = reset_peak_rss()
+    before = peak_rss_bytes()
+    result = fn()
+    after = peak_rss_bytes()
+    del result
+    return {"bytes": after - before, "peak_reset": reset, "baseline_bytes": before}
