@@ -90,9 +90,18 @@ def _error(exc: BaseException) -> str:
 
 
 def time_operator(
-    library: Any, label: str, problem: Problem, repeats: int, memory: bool
+    library: Any,
+    label: str,
+    problem: Problem,
+    repeats: int,
+    memory: bool,
+    grad: Callable[[], None],
 ) -> dict[str, Any]:
     """Time construction and products of one operator.
+
+    The gradient pass is timed again right before the products, so that each
+    operator's ratios divide by a gradient time taken next to its own (robust to the
+    machine's speed drifting during a run).
 
     Args:
         library: The imported library.
@@ -113,6 +122,7 @@ def time_operator(
             lambda: build_operator(library, label, problem), repeats
         )
         op = build_operator(library, label, problem)
+        times["grad"] = time_call(grad, repeats)
         times["mv"] = time_call(lambda: op @ v, repeats)
         times["mm16"] = time_call(lambda: op @ V, repeats)
         if memory:
@@ -190,7 +200,7 @@ def time_job(spec: dict[str, Any]) -> dict[str, Any]:
         library = load_library(name)
         out["cells"][name] = {
             label: time_operator(
-                library, label, problem, spec["repeats"], spec["memory"]
+                library, label, problem, spec["repeats"], spec["memory"], grad
             )
             for label in OPERATORS
         }
