@@ -1,8 +1,11 @@
-"""Quickstart: the GGN, the Monte-Carlo Fisher and the empirical Fisher as operators.
+"""
+Quickstart
+==========
 
-A small synthetic classification problem: multiply the operators onto vectors and
-matrices, build dense matrices, hand an operator to SciPy's ``eigsh``, and watch the
-Monte-Carlo Fisher approach the GGN as ``mc_samples`` grows.
+The GGN, the Monte-Carlo Fisher and the empirical Fisher as linear operators, on a small
+synthetic classification problem: multiply them onto vectors and matrices, build dense
+matrices, hand an operator to SciPy's ``eigsh`` and ``cg``, and watch the Monte-Carlo
+Fisher approach the GGN as ``mc_samples`` grows.
 
 Run with ``python docs/examples/quickstart.py`` (a few seconds on a laptop CPU).
 """
