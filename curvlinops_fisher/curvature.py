@@ -25,7 +25,12 @@ from torch import Tensor
 from torch.func import grad_and_value
 from torch.nn import Module
 
-from curvlinops_fisher.core import batch_curvature_matmat, make_model_function
+from curvlinops_fisher.core import (
+    DEFAULT_MAX_COLUMNS,
+    DEFAULT_MC_SEED,
+    batch_curvature_matmat,
+    make_model_function,
+)
 from curvlinops_fisher.data import (
     Batch,
     BatchSizeFn,
@@ -83,7 +88,7 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
 
     SELF_ADJOINT: bool = True
     FIXED_DATA_ORDER: bool = False
-    max_columns_per_pass: int = 64
+    max_columns_per_pass: int = DEFAULT_MAX_COLUMNS
 
     def __init__(
         self,
@@ -333,7 +338,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         data: Iterable[Batch],
         progressbar: bool = False,
         check_deterministic: bool = True,
-        seed: int = 2147483647,
+        seed: int = DEFAULT_MC_SEED,
         mc_samples: int = 1,
         num_data: int | None = None,
         batch_size_fn: Callable | None = None,
