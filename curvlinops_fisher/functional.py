@@ -166,10 +166,7 @@ def make_ggn_mv(
         DataError: For a malformed batch or bad sample counts.
     """
     curvature = _Curvature(model_func, params, loss_func)
-    factor_kind = GGNFactor()
-    return curvature.with_data(
-        data, num_curv_samples, num_total_samples, lambda: factor_kind
-    )
+    return curvature.with_data(data, num_curv_samples, num_total_samples, GGNFactor)
 
 
 def make_fisher_mc_mv(
@@ -264,10 +261,7 @@ def make_ef_mv(
         DataError: See :func:`make_ggn_mv`.
     """
     curvature = _Curvature(model_func, params, loss_func)
-    factor_kind = EFFactor()
-    return curvature.with_data(
-        data, num_curv_samples, num_total_samples, lambda: factor_kind
-    )
+    return curvature.with_data(data, num_curv_samples, num_total_samples, EFFactor)
 
 
 def make_ggn_mv_without_data(
@@ -307,12 +301,7 @@ def make_ggn_mv_without_data(
         ParameterError: See :func:`make_ggn_mv`.
     """
     curvature = _Curvature(model_func, params, loss_func)
-    factor_kind, scale = GGNFactor(), _check_factor(factor)
-
-    def mv(v: Vector, data: BatchLike) -> Vector:
-        return curvature.product(v, data, factor_kind, scale, check_targets)
-
-    return mv
+    return curvature.without_data(GGNFactor(), factor, check_targets)
 
 
 def make_fisher_mc_mv_without_data(
@@ -394,12 +383,7 @@ def make_ef_mv_without_data(
         ParameterError: See :func:`make_ggn_mv`.
     """
     curvature = _Curvature(model_func, params, loss_func)
-    factor_kind, scale = EFFactor(), _check_factor(factor)
-
-    def mv(v: Vector, data: BatchLike) -> Vector:
-        return curvature.product(v, data, factor_kind, scale, check_targets)
-
-    return mv
+    return curvature.without_data(EFFactor(), factor, check_targets)
 
 
 # ------------------------------------------------------------------ internals
@@ -455,6 +439,26 @@ class _Curvature:
             result = self._product(v, X, y, factor_kind(), scale, not targets_checked)
             targets_checked = True
             return result
+
+        return mv
+
+    def without_data(
+        self, factor_kind: OutputFactorKind, factor: float, check_targets: bool
+    ) -> DataMatrixVectorProduct:
+        """``mv(v, data)``: ``factor`` times a batch's curvature times ``v``.
+
+        Args:
+            factor_kind: The output-space factor kind (stateless: GGN or EF).
+            factor: The scale.
+            check_targets: Validate every batch's targets.
+
+        Returns:
+            ``mv(v, data)``.
+        """
+        scale = _check_factor(factor)
+
+        def mv(v: Vector, data: BatchLike) -> Vector:
+            return self.product(v, data, factor_kind, scale, check_targets)
 
         return mv
 
