@@ -13,7 +13,10 @@ with :math:`c_b = 1` for ``reduction='sum'`` and :math:`c_b = N_b / (N D_b)` for
 ``reduction='mean'`` (:math:`D_b` is what PyTorch's ``mean`` divides the batch loss by:
 the number of terms for ``CrossEntropyLoss``, times ``C`` for ``MSELoss`` and
 ``BCEWithLogitsLoss``). The subclasses differ only in the output-space factor
-:math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`).
+:math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`). Each batch's product is
+:func:`curvlinops_fisher.core.batch_curvature_matmat`, the function behind
+:mod:`curvlinops_fisher.functional` too: an operator is the sum of the functional
+products of its batches, each times :math:`c_b`.
 """
 
 from __future__ import annotations

@@ -510,7 +510,10 @@ class _Curvature:
                 "tuple (X, y) or a dict {'input': X, 'target': y}."
             )
         if not isinstance(y, Tensor):
-            raise DataError(f"The targets y must be a tensor; got {type(y).__name__}.")
+            raise DataError(
+                f"data must be one batch (X, y) with a tensor y; got a y of type "
+                f"{type(y).__name__}. Pass a single batch, not a list of batches."
+            )
         return to_device(X, self.device), to_device(y, self.device)
 
     def columns(
