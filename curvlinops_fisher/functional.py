@@ -26,7 +26,7 @@ API scales only by its own arguments, like laplax.
 | :func:`make_ef_mv_without_data` | ``laplax.curv.fisher.create_empirical_fisher_mv_without_data`` |
 
 *With data* (``make_*_mv``): ``mv(v)`` on the fixed batch ``data``, with
-:math:`\text{factor} = \text{num\_total\_samples} / \text{num\_curv\_samples}` (both
+``factor = num_total_samples / num_curv_samples`` (both
 default to the batch's number of data points): the curvature of a data set of
 ``num_total_samples`` points estimated from the batch. *Without data*
 (``make_*_mv_without_data``): ``mv(v, data)`` for any batch, with an explicit
@@ -138,12 +138,13 @@ def make_ggn_mv(
     r"""Generalized Gauss-Newton matrix-vector product on a fixed batch.
 
     .. math::
-        \mathbf{v} \mapsto \frac{\text{num\_total\_samples}}{\text{num\_curv\_samples}}
+        \mathbf{v} \mapsto \frac{N_\text{total}}{N_\text{curv}}
         \sum_t \mathbf{J}_t^\top \nabla^2_{\mathbf{f}_t}\ell(\mathbf{f}_t,
         \mathbf{y}_t) \mathbf{J}_t \mathbf{v}
 
-    (laplax: ``create_ggn_mv``). Cost of a call: one forward pass carrying the
-    tangent and one backward pass on the batch.
+    with :math:`N_\text{total}` = ``num_total_samples`` and :math:`N_\text{curv}` =
+    ``num_curv_samples`` (laplax: ``create_ggn_mv``). Cost of a call: one forward pass
+    carrying the tangent and one backward pass on the batch.
 
     Args:
         model_func: ``nn.Module`` or pure function ``model_func(params, X)``.
@@ -182,17 +183,18 @@ def make_fisher_mc_mv(
     r"""Monte-Carlo Fisher matrix-vector product on a fixed batch.
 
     .. math::
-        \mathbf{v} \mapsto \frac{\text{num\_total\_samples}}{\text{num\_curv\_samples}}
+        \mathbf{v} \mapsto \frac{N_\text{total}}{N_\text{curv}}
         \frac{1}{M}\sum_{t,m} \mathbf{J}_t^\top \mathbf{g}_{tm}\mathbf{g}_{tm}^\top
         \mathbf{J}_t \mathbf{v},
         \qquad \mathbf{g}_{tm} = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t,
         \tilde{\mathbf{y}}_{tm}),\ \tilde{\mathbf{y}}_{tm} \sim q(\cdot\mid\mathbf{f}_t)
 
-    (laplax: ``create_MC_fisher_mv``). The generator's state is copied when ``mv`` is
-    made; every call starts from that copy (laplax's fixed ``key``), so ``mv`` is one
-    fixed matrix, and ``generator`` itself is not advanced. The samples are those of
-    :class:`~curvlinops_fisher.FisherMCLinearOperator` with the same seed on this
-    single batch.
+    with :math:`N_\text{total}` = ``num_total_samples`` and :math:`N_\text{curv}` =
+    ``num_curv_samples`` (laplax: ``create_MC_fisher_mv``). The generator's state is
+    copied when ``mv`` is made; every call starts from that copy (laplax's fixed
+    ``key``), so ``mv`` is one fixed matrix, and ``generator`` itself is not advanced.
+    The samples are those of :class:`~curvlinops_fisher.FisherMCLinearOperator` with the
+    same seed on this single batch.
 
     Args:
         model_func: See :func:`make_ggn_mv`.
@@ -236,13 +238,14 @@ def make_ef_mv(
     r"""Empirical Fisher matrix-vector product on a fixed batch.
 
     .. math::
-        \mathbf{v} \mapsto \frac{\text{num\_total\_samples}}{\text{num\_curv\_samples}}
+        \mathbf{v} \mapsto \frac{N_\text{total}}{N_\text{curv}}
         \sum_t \mathbf{g}_t \mathbf{g}_t^\top \mathbf{v},
         \qquad \mathbf{g}_t = \mathbf{J}_t^\top \nabla_{\mathbf{f}_t}
         \ell(\mathbf{f}_t, \mathbf{y}_t)
 
-    (laplax: ``create_empirical_fisher_mv``), one gradient per loss term (every
-    position of a sequence output is a term, as in the operators).
+    with :math:`N_\text{total}` = ``num_total_samples`` and :math:`N_\text{curv}` =
+    ``num_curv_samples`` (laplax: ``create_empirical_fisher_mv``), one gradient per loss
+    term (every position of a sequence output is a term, as in the operators).
 
     Args:
         model_func: See :func:`make_ggn_mv`.

@@ -1,11 +1,9 @@
-"""The repository's promises: the README's commands and the runnable examples."""
+"""The repository's promises: the README's commands and the quickstart example."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,25 +19,15 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in ci_commands[0]
 
 
-@pytest.mark.parametrize(
-    "example, expected",
-    [
-        ("quickstart.py", ["top-5 eigenvalues", "mc_samples =  256"]),
-        (
-            "functional_laplace.py",
-            ["predictive std:", "GGN estimated from one batch of 32"],
-        ),
-    ],
-)
-def test_example_runs(example: str, expected: list[str]):
+def test_quickstart_example_runs():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "docs" / "examples" / example)],
+        [sys.executable, str(ROOT / "docs" / "examples" / "quickstart.py")],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    for text in expected:
-        assert text in result.stdout
+    assert "top-5 eigenvalues" in result.stdout
+    assert "mc_samples =  256" in result.stdout

@@ -1,22 +1,25 @@
-"""Laplace approximation with the functional API: predictive variance of a regression net.
+r"""
+Laplace approximations with the functional API
+==============================================
 
-A small 1-D regression network is trained, then the GGN of its negative log-likelihood
-is used as the posterior precision of a Laplace approximation (with a Gaussian prior).
-Three posteriors are compared on test inputs inside and outside the training range:
+``curvlinops_fisher.functional`` gives the curvature products as plain functions,
+laplax-style (see :doc:`/functional`). Here they build three Laplace approximations of a
+small 1-D regression network and their posterior predictive standard deviations,
+inside and outside the training range:
 
-- full: the dense posterior precision (the network is tiny, P = 97);
-- diagonal: only the diagonal of the posterior precision;
-- low-rank: the top-k eigenpairs of the GGN (``scipy.sparse.linalg.eigsh`` on the
-  functional matrix-vector product), the prior precision on the remaining directions.
+- **full**: the dense posterior precision (the network is tiny, :math:`P = 97`);
+- **diagonal**: only the diagonal of the posterior precision;
+- **low-rank**: the top-:math:`k` eigenpairs of the GGN (``scipy.sparse.linalg.eigsh``
+  on the functional matrix-vector product), the prior precision on the remaining
+  directions.
 
-Everything curvature-related goes through ``curvlinops_fisher.functional``: the
-product on the whole training set in batches (``make_ggn_mv_without_data`` with an
-explicit ``factor``), and laplax's "estimate the data set's curvature from one batch"
-(``make_ggn_mv`` with ``num_total_samples``).
-
-Run with ``python docs/examples/functional_laplace.py`` (a few seconds on a CPU; no
-plotting library needed).
+The products go through ``make_ggn_mv_without_data`` (the whole training set in
+batches, with an explicit ``factor``) and ``make_ggn_mv`` with ``num_total_samples``
+(laplax's estimate of the data set's curvature from one batch). No plotting library is
+needed; with matplotlib installed the script also draws the three predictives.
 """
+
+import os
 
 import numpy as np
 import torch
@@ -26,17 +29,20 @@ from torch.func import functional_call, jacrev, vmap
 
 from curvlinops_fisher.functional import make_ggn_mv, make_ggn_mv_without_data
 
+SMOKE = os.environ.get("CURVLINOPS_FISHER_SMOKE") == "1"
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)
 
-# ---------------------------------------------------------------- train a model
+# %%
+# Train a small regression network
+# --------------------------------
 N, noise_std, prior_precision = 128, 0.1, 1.0
 X = torch.rand(N, 1) * 2 - 1  # training inputs in [-1, 1]
 y = torch.sin(3 * X) + noise_std * torch.randn(N, 1)
 model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1))
 
 optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-for _ in range(500):
+for _ in range(150 if SMOKE else 500):
     optimizer.zero_grad()
     nn.functional.mse_loss(model(X), y).backward()
     optimizer.step()
@@ -46,7 +52,9 @@ print(f"training MSE: {nn.functional.mse_loss(model(X), y).item():.4f}")
 params = {name: p.detach() for name, p in model.named_parameters()}
 P = sum(p.numel() for p in params.values())
 
-# ------------------------------------------------------- curvature of the NLL
+# %%
+# The GGN of the negative log-likelihood, batch by batch
+# ------------------------------------------------------
 # The Gaussian negative log-likelihood is sum_n ||f_n - y_n||^2 / (2 noise_std^2) (up
 # to a constant); MSELoss(reduction="sum") is sum_n ||f_n - y_n||^2, so its GGN times
 # factor = 1 / (2 noise_std^2) is the GGN of the NLL.
@@ -72,7 +80,9 @@ G_estimate = factor * one_batch_mv(identity)
 estimate_error = ((G_estimate - G).norm() / G.norm()).item()
 print(f"GGN estimated from one batch of 32: relative error {estimate_error:.3f}")
 
-# ------------------------------------------------------------- three posteriors
+# %%
+# Three posteriors
+# ----------------
 covariance_full = torch.linalg.inv(precision)
 variance_diag = 1.0 / torch.diagonal(precision)
 
@@ -94,7 +104,9 @@ def low_rank_covariance_times(M: torch.Tensor) -> torch.Tensor:
     return U @ (inverse[:, None] * coefficients) + M / prior_precision
 
 
-# ---------------------------------------------------------- predictive variance
+# %%
+# Predictive standard deviation
+# -----------------------------
 X_test = torch.tensor([[-3.0], [-2.0], [-1.0], [-0.5], [0.0], [0.5], [1.0], [2.0]])
 
 
@@ -120,3 +132,34 @@ inside = (X_test.abs() <= 1).squeeze(1)
 ratio = std_full[~inside].min() / std_full[inside].max()
 print(f"full Laplace: smallest std outside / largest std inside = {ratio:.2f}")
 assert ratio > 1, "the posterior should be more uncertain away from the data"
+
+# %%
+# Plot (only where matplotlib is installed)
+# -----------------------------------------
+
+try:
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+if plt is not None:
+    X_plot = torch.linspace(-3, 3, 121).unsqueeze(1)
+    jac = vmap(jacrev(output), in_dims=(None, 0))(params, X_plot)
+    J_plot = torch.cat([jac[name].reshape(len(X_plot), -1) for name in params], dim=1)
+    stds = {
+        "full": ((J_plot @ covariance_full * J_plot).sum(1) + noise).sqrt(),
+        "diagonal": ((J_plot**2 * variance_diag).sum(1) + noise).sqrt(),
+        f"low-rank (k = {k})": (
+            (J_plot * low_rank_covariance_times(J_plot.T).T).sum(1) + noise
+        ).sqrt(),
+    }
+    mean = model(X_plot).detach().squeeze(1)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
+    for ax, (name, std) in zip(axes, stds.items()):
+        ax.fill_between(X_plot[:, 0], mean - 2 * std, mean + 2 * std, alpha=0.3)
+        ax.plot(X_plot[:, 0], mean)
+        ax.plot(X[:, 0], y[:, 0], "k.", ms=3)
+        ax.set_title(name)
+        ax.set_xlabel("x")
+    axes[0].set_ylim(-3, 3)
+    fig.tight_layout()
+    plt.show()
