@@ -37,7 +37,12 @@ from curvlinops_fisher.determinism import (
     check_deterministic as probe_determinism,
 )
 from curvlinops_fisher.determinism import check_modules_in_eval_mode
-from curvlinops_fisher.errors import DataError, ParameterError
+from curvlinops_fisher.errors import (
+    DataError,
+    ParameterError,
+    check_finite,
+    naming_batch,
+)
 from curvlinops_fisher.factors import (
     EFFactor,
     GGNFactor,
@@ -127,7 +132,7 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         if check_deterministic:
             probe_determinism(model_func, self._batches, self._checked_forward)
             self._targets_checked = True
-        self._N_data = self._infer_num_data() if num_data is None else num_data
+        self._N_data = self._scan_data(num_data)
         if not (isinstance(self._N_data, int) and self._N_data > 0):
             raise DataError(f"num_data must be a positive int; got {num_data!r}.")
 
@@ -149,31 +154,38 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply onto a matrix in tensor list format with a trailing column axis."""
+        check_finite(M, "The vector or matrix multiplied onto the operator")
         V = tuple(m.movedim(-1, 0) for m in M)
         factor_kind = self._factor_kind()
         params = self._param_values()
         result = [torch.zeros_like(v) for v in V]
-        for X, y in self._batches("matmat"):
+        for index, (X, y) in enumerate(self._batches("matmat")):
             scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
-            batch_result = batch_curvature_matmat(
-                self._model_function,
-                params,
-                X,
-                y,
-                V,
-                self._loss,
-                factor_kind,
-                scale=scale,
-                max_columns=self.max_columns_per_pass,
-                check_targets=not self._targets_checked,
-            )
+            with naming_batch(index):
+                batch_result = batch_curvature_matmat(
+                    self._model_function,
+                    params,
+                    X,
+                    y,
+                    V,
+                    self._loss,
+                    factor_kind,
+                    scale=scale,
+                    max_columns=self.max_columns_per_pass,
+                    check_targets=not self._targets_checked,
+                )
+                check_finite(batch_result, "The batch's contribution to the product")
             for acc, r in zip(result, batch_result):
                 acc.add_(r)
         self._targets_checked = True
         return [r.movedim(0, -1) for r in result]
 
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
-        r"""Gradient and value of the data set's risk :math:`\sum_b (N_b/N)^{[mean]} L_b`.
+        r"""Gradient and value of the data set's risk :math:`\sum_b c_b \sum_{t \in b} \ell_t`.
+
+        :math:`c_b` is the batch scale of the curvature (for ``mean``: PyTorch's
+        ``mean`` over the concatenated data set, see
+        :meth:`~curvlinops_fisher.losses.FisherLoss.batch_scale`).
 
         Returns:
             The gradient w.r.t. ``params`` (tensor list) and the risk (a scalar).
@@ -183,14 +195,10 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         total = torch.zeros((), dtype=self.dtype, device=self.device)
 
         for X, y in self._batches("gradient"):
-            scale = (
-                self._batch_size(X) / self._N_data
-                if self._loss.reduction == "mean"
-                else 1.0
-            )
+            scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
 
             def batch_risk(p: tuple[Tensor, ...], X=X, y=y, scale=scale) -> Tensor:
-                return self._loss_func(self._model_function(p, X), y) * scale
+                return self._loss.summed_loss(self._model_function(p, X), y) * scale
 
             batch_grad, value = grad_and_value(batch_risk)(params)
             total += value
@@ -209,8 +217,24 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
     def _batch_size(self, X: object) -> int:
         return default_batch_size_fn(self._batch_size_fn, X)
 
-    def _infer_num_data(self) -> int:
-        return sum(self._batch_size(X) for X, _ in self._batches("num_data"))
+    def _scan_data(self, num_data: int | None) -> int | None:
+        """Infer ``num_data`` if ``None``, and set the loss's data set normalizer.
+
+        One pass over the data, only if needed: to count the data points, or for
+        a ``mean`` whose divisor depends on the targets (see
+        :meth:`~curvlinops_fisher.losses.FisherLoss.data_normalizer`).
+        """
+        if num_data is not None and not self._loss.scans_targets:
+            return num_data
+        sizes = []
+
+        def targets() -> Iterator[Tensor]:
+            for X, y in self._batches("num_data"):
+                sizes.append(self._batch_size(X) if num_data is None else 0)
+                yield y
+
+        self._loss.normalizer = self._loss.data_normalizer(targets())
+        return sum(sizes) if num_data is None else num_data
 
     def _checked_forward(self, batch: Batch) -> Tensor:
         """The model output of a batch, after validating the batch's targets."""
@@ -340,6 +364,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     ):
         """Set up the operator (see the class docstring for the arguments)."""
         _check_positive_int("mc_samples", mc_samples)
+        make_fisher_loss(loss_func).check_sampling()
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int; got {seed!r}.")
         self._seed = seed
