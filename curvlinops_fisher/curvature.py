@@ -50,7 +50,7 @@ from curvlinops_fisher.factors import (
     OutputFactorKind,
 )
 from curvlinops_fisher.linop import PyTorchLinearOperator
-from curvlinops_fisher.losses import make_fisher_loss
+from curvlinops_fisher.losses import PerDatumLoss, make_fisher_loss
 from curvlinops_fisher.structure import ExactStructureMixin
 
 
@@ -298,17 +298,74 @@ class GGNLinearOperator(CurvatureLinearOperator):
 
 
 class EFLinearOperator(CurvatureLinearOperator):
-    r"""Empirical Fisher (uncentered gradient covariance) of the loss terms.
+    r"""Empirical Fisher (uncentered gradient covariance) of the loss terms or data.
+
+    By default (``per_datum=False``) each loss term (every position of a sequence
+    output) is one gradient, as in curvlinops:
 
     .. math::
         \mathbf{A} = \sum_b c_b \sum_t \nabla_{\boldsymbol\theta}\ell_t
             (\nabla_{\boldsymbol\theta}\ell_t)^\top,
         \qquad \mathbf{B}_t = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t, \mathbf{y}_t).
 
-    Each loss term (every position of a sequence output) is one gradient, as in
-    curvlinops. Cost of a product: that of the GGN (the gradients live in output
-    space).
+    With ``per_datum=True`` each data point is one gradient, that of its summed loss
+    :math:`\ell_n = \sum_{t \in n} \ell_t` (what is usually meant for sequence
+    models), with the same scale :math:`c_b`:
+
+    .. math::
+        \mathbf{A} = \sum_b c_b \sum_{n \in b} \nabla_{\boldsymbol\theta}\ell_n
+            (\nabla_{\boldsymbol\theta}\ell_n)^\top.
+
+    Both agree when every datum has one term (outputs ``(N, C)``). Cost of a product:
+    that of the GGN (the gradients live in output space).
+
+    Args:
+        model_func: See :class:`CurvatureLinearOperator`.
+        loss_func: See :class:`CurvatureLinearOperator`.
+        params: See :class:`CurvatureLinearOperator`.
+        data: See :class:`CurvatureLinearOperator`.
+        progressbar: See :class:`CurvatureLinearOperator`.
+        check_deterministic: See :class:`CurvatureLinearOperator`.
+        num_data: See :class:`CurvatureLinearOperator`.
+        batch_size_fn: See :class:`CurvatureLinearOperator`.
+        per_datum: Gradients of data points instead of loss terms (keyword only).
+            Default: ``False``.
     """
+
+    def __init__(
+        self,
+        model_func: Module,
+        loss_func: Module,
+        params: list[Tensor],
+        data: Iterable[Batch],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        *,
+        per_datum: bool = False,
+    ):
+        """Set up the operator (see the class docstring for the arguments)."""
+        if not isinstance(per_datum, bool):
+            raise ValueError(f"per_datum must be a bool; got {per_datum!r}.")
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=check_deterministic,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+        )
+        self._per_datum = per_datum
+        if per_datum:
+            self._loss = PerDatumLoss(self._loss)
+
+    @property
+    def per_datum(self) -> bool:
+        """Whether the gradients are per data point (else per loss term)."""
+        return self._per_datum
 
     def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
         return EFFactor()

@@ -678,6 +678,56 @@ class BCEWithLogitsFisherLoss(FisherLoss):
         return p - labels
 
 
+class PerDatumLoss:
+    r"""View of a :class:`FisherLoss` whose terms are whole data points.
+
+    A batch output of ``N`` data points with ``Q`` terms of ``C`` entries each is
+    flattened to ``(N, Q C)`` instead of ``(N Q, C)``; the gradient of a datum is the
+    concatenation of its terms' gradients, i.e. the output gradient of the datum's
+    summed loss :math:`\ell_n = \sum_{t \in n} \ell_t`. Used for the empirical
+    Fisher of per-datum gradients (:math:`\mathbf{B}_n = \nabla_{\mathbf{f}_n}
+    \ell_n`, one row per datum); everything else (targets, scales) is the wrapped
+    loss's. Only :meth:`gradient` of the output-space math is defined: the Hessian of
+    :math:`\ell_n` is block-diagonal over its terms, so the GGN and the MC Fisher are
+    the same per term and per datum.
+
+    Args:
+        loss: The per-term loss.
+    """
+
+    def __init__(self, loss: FisherLoss):
+        """Wrap ``loss`` (see class docstring)."""
+        self.loss = loss
+
+    def __getattr__(self, name: str):
+        """Everything but the layout and the gradient is the wrapped loss's."""
+        return getattr(self.loss, name)
+
+    def flatten(self, x: Tensor, lead: int = 0) -> Tensor:
+        """``(*L, N, ...)`` -> ``(*L, N, Q C)`` (terms of a datum stay contiguous)."""
+        terms = self.loss.flatten(x, lead)
+        return terms.reshape(*x.shape[:lead], x.shape[lead], -1)
+
+    def unflatten(self, x: Tensor, output_shape: torch.Size, lead: int = 0) -> Tensor:
+        """Inverse of :meth:`flatten`."""
+        ndim = len(output_shape)
+        C = 1 if ndim == 1 else output_shape[self.loss.class_axis(ndim)]
+        terms = x.reshape(*x.shape[:lead], -1, C)
+        return self.loss.unflatten(terms, output_shape, lead)
+
+    def gradient(self, output: Tensor, y: Tensor) -> Tensor:
+        """Per-datum output gradients ``(N, Q C)`` from the flattened targets."""
+        N, T = output.shape[0], y.shape[0]
+        terms = output.reshape(T, output.shape[1] * N // T)
+        return self.loss.gradient(terms, y).reshape(N, -1)
+
+    def hessian_matmat(self, output: Tensor, y: Tensor, U: Tensor) -> Tensor:
+        """Not used: the GGN is the same per datum (see class docstring)."""
+        raise NotImplementedError("PerDatumLoss is only for the empirical Fisher.")
+
+    hessian_sqrt = sample_gradients = hessian_matmat
+
+
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` (without growing it)."""
     try:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvlinops_fisher import (
+    EFLinearOperator,
     FisherMCLinearOperator,
     GGNLinearOperator,
 )
@@ -252,6 +253,11 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         ggn(cls=FisherMCLinearOperator, mc_samples=0),
         ValueError,
         r"mc_samples must be a positive int",
+    ),
+    "ef-per-datum-invalid": (
+        ggn(cls=EFLinearOperator, per_datum="yes"),
+        ValueError,
+        r"per_datum must be a bool",
     ),
     # determinism
     "data-shuffled": (shuffled, E.NonDeterministicError, r"batch 0 has different"),

@@ -263,3 +263,42 @@ def test_mc_fisher_of_weighted_bce_is_an_error(case: str) -> None:
     model, batches = output_rank_data(3, "bce")
     with pytest.raises(UnsupportedLossError, match="not defined"):
         build("mc", model, nn.BCEWithLogitsLoss(**BCE_OPTIONS[case]), batches)
+
+
+# -------------------------------------------------------------- per-datum EF
+
+
+PER_DATUM_CASES = {
+    "ce-padded-all-options": lambda r: (
+        *ce_data("padded"),
+        nn.CrossEntropyLoss(reduction=r, weight=WEIGHT, label_smoothing=0.1),
+    ),
+    "ce-soft": lambda r: (*ce_data("soft"), nn.CrossEntropyLoss(reduction=r)),
+    "mse-rank4": lambda r: (*output_rank_data(4, "mse"), nn.MSELoss(reduction=r)),
+    "bce-rank3-weighted": lambda r: (
+        *output_rank_data(3, "bce"),
+        nn.BCEWithLogitsLoss(reduction=r, **BCE_OPTIONS["both"]),
+    ),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(PER_DATUM_CASES))
+def test_per_datum_empirical_fisher(case: str, reduction: str) -> None:
+    model, batches, loss_func = PER_DATUM_CASES[case](reduction)
+    op = build("ef", model, loss_func, batches, per_datum=True)
+    assert op.per_datum
+    expected = dense_concat(model, loss_func, op._params, batches, "ef", per_datum=True)
+    assert_matrix_close(to_dense(op), expected)
+    assert_matrix_close(op.to_dense(), expected)
+    assert_matrix_close(torch.diag(op.diagonal()), torch.diag(expected.diagonal()))
+    per_term = dense_concat(model, loss_func, op._params, batches, "ef")
+    assert float((expected - per_term).norm()) > 1e-3 * float(per_term.norm())
+
+
+def test_per_datum_equals_per_term_for_one_term_per_datum() -> None:
+    model, batches = ce_data("padded", spatial=False)
+    loss_func = nn.CrossEntropyLoss(label_smoothing=0.1)
+    per_datum = to_dense(build("ef", model, loss_func, batches, per_datum=True))
+    per_term = to_dense(build("ef", model, loss_func, batches))
+    assert_matrix_close(per_datum, per_term)

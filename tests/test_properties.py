@@ -31,7 +31,7 @@ OPERATORS = {
     "ef": EFLinearOperator,
     "mc": FisherMCLinearOperator,
 }
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 
 
 class RankMLP(nn.Module):
@@ -102,6 +102,8 @@ def split(X: Tensor, y: Tensor, sizes: list[int]) -> list[tuple[Tensor, Tensor]]
 
 
 def dense(name: str, p: dict[str, Any], sizes: list[int], **kw: Any) -> Tensor:
+    if name == "ef-datum":
+        name, kw = "ef", {**kw, "per_datum": True}
     op = OPERATORS[name](
         p["model"],
         p["loss_func"],
@@ -119,12 +121,15 @@ def assert_symmetric_psd(A: Tensor) -> None:
 
 
 @SETTINGS
-@given(p=problems(), name=st.sampled_from(["ggn", "ef"]))
+@given(p=problems(), name=st.sampled_from(["ggn", "ef", "ef-datum"]))
 def test_equals_brute_force_and_is_split_invariant(p: dict[str, Any], name: str):
     A = dense(name, p, p["sizes"])
     batches = split(p["X"], p["y"], p["sizes"])
     params = list(p["model"].parameters())
-    expected = dense_concat(p["model"], p["loss_func"], params, batches, name)
+    kind, per_datum = name[:3].rstrip("-"), name == "ef-datum"
+    expected = dense_concat(
+        p["model"], p["loss_func"], params, batches, kind, per_datum=per_datum
+    )
     scale = max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(A, expected, rtol=1e-9, atol=1e-10 * scale)
     assert_symmetric_psd(A)
