@@ -12,8 +12,12 @@ and a loss :math:`\ell` whose batch outputs consist of loss terms
 with :math:`c_b = 1` for ``reduction='sum'`` and :math:`c_b = N_b / (N D_b)` for
 ``reduction='mean'`` (:math:`D_b` is what PyTorch's ``mean`` divides the batch loss by:
 the number of terms for ``CrossEntropyLoss``, times ``C`` for ``MSELoss`` and
-``BCEWithLogitsLoss``). The subclasses differ only in the output-space factor
-:math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`).
+``BCEWithLogitsLoss``; curvlinops' convention). Where that divisor depends on the
+targets (``CrossEntropyLoss`` with ignored targets or class weights), :math:`c_b = 1/D`
+with :math:`D = \sum_b D_b` (non-ignored terms, or their targets' class weights)
+counted once at construction over the whole data set: the operator is then the
+curvature of PyTorch's loss on the concatenated data. The subclasses differ only in
+the output-space factor :math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`).
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
             the same batches and model outputs (two forward passes per batch without
             gradients), and that no Dropout or BatchNorm layer is in training mode.
         num_data: Number of data points ``N``; inferred with one pass if ``None``.
+            ``CrossEntropyLoss(reduction='mean')`` always makes that pass (over the
+            targets only) to find ignored targets and the data set's divisor.
         batch_size_fn: Returns the number of data points of a batch input ``X``.
             Required when ``X`` is not a tensor.
 
