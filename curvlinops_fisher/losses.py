@@ -701,6 +701,8 @@ class PerDatumLoss:
 
     def __getattr__(self, name: str):
         """Everything but the layout and the gradient is the wrapped loss's."""
+        if name == "loss":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.loss, name)
 
     def flatten(self, x: Tensor, lead: int = 0) -> Tensor:
