@@ -48,7 +48,7 @@ from torch.func import vjp, vmap
 
 from curvlinops_fisher.core import ModelFunction, batch_curvature_matmat
 from curvlinops_fisher.data import ModelInput
-from curvlinops_fisher.errors import FactorMemoryError
+from curvlinops_fisher.errors import FactorMemoryError, naming_batch
 from curvlinops_fisher.factors import (
     BatchOutputFactor,
     OutputFactorKind,
@@ -81,7 +81,7 @@ class _FixedFactorKind(OutputFactorKind):
     def __init__(self, factor: BatchOutputFactor):
         self.factor = factor
 
-    def for_batch(  # noqa: D102
+    def _build(  # noqa: D102
         self, loss: FisherLoss, output: Tensor, y: Tensor
     ) -> BatchOutputFactor:
         return self.factor
@@ -421,17 +421,19 @@ class ExactStructureMixin:
         """One pass over the data: every batch linearized, with its factor, in order."""
         factor_kind = self._factor_kind()  # freshly seeded: once per pass
         params = self._param_values()
-        for X, y in self._batches("factor"):
-            yield linearize_batch(
-                self._model_function,
-                params,
-                X,
-                y,
-                self._loss,
-                factor_kind,
-                scale=self._loss.batch_scale(y, self._batch_size(X), self._N_data),
-                check_targets=not self._targets_checked,
-            )
+        for index, (X, y) in enumerate(self._batches("factor")):
+            with naming_batch(index):
+                batch = linearize_batch(
+                    self._model_function,
+                    params,
+                    X,
+                    y,
+                    self._loss,
+                    factor_kind,
+                    scale=self._loss.batch_scale(y, self._batch_size(X), self._N_data),
+                    check_targets=not self._targets_checked,
+                )
+            yield batch
         self._targets_checked = True
 
     def _factor_chunks(self, chunk_bytes: int) -> Iterator[Tensor]:
