@@ -240,10 +240,15 @@ def _linearize_columns(
 
         return vmap(output_and_jvp, out_dims=(None, 0))(V)
 
-    output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
+    # torch.func differentiates w.r.t. ``params`` whatever the outer grad mode; no_grad
+    # keeps module parameters outside ``params`` that require grad from recording an
+    # autograd graph into the results.
+    with torch.no_grad():
+        output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
 
     def backward(cotangents: Tensor) -> tuple[Tensor, ...]:
-        (result,) = vmap(vjp_fn)(cotangents)
+        with torch.no_grad():
+            (result,) = vmap(vjp_fn)(cotangents)
         return result
 
     return output, JV, backward

@@ -167,7 +167,8 @@ class LinearizedBatch:
         W = B.new_zeros(stop - start, T, C)
         W[torch.arange(stop - start, device=B.device), terms] = B[terms, :, columns]
         cotangents = self.loss.unflatten(W, self.output_shape, lead=1)
-        (grads,) = vmap(self.vjp_fn)(cotangents)
+        with torch.no_grad():  # see linearize_batch
+            (grads,) = vmap(self.vjp_fn)(cotangents)
         return _join_rows(grads)
 
     def matmat(
@@ -226,7 +227,10 @@ def linearize_batch(
     Returns:
         The linearized batch.
     """
-    output, vjp_fn = vjp(lambda p: model_function(p, X), params)
+    # torch.func differentiates w.r.t. ``params`` whatever the outer grad mode; no_grad
+    # keeps module parameters outside ``params`` that require grad out of the results.
+    with torch.no_grad():
+        output, vjp_fn = vjp(lambda p: model_function(p, X), params)
     if check_targets:
         loss.check_targets(output, y)
     output_factor = factor_kind.for_batch(
