@@ -257,10 +257,50 @@ def _split_rows(rows: Tensor, shapes: list[Size]) -> tuple[Tensor, ...]:
 # -------------------------------------------- reductions over chunks of rows
 
 
-def add_gram(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
-    r"""Accumulate :math:`\sum_i \mathbf{U}_i^\top \mathbf{U}_i` into ``out`` ``[P, P]``."""
+#: From this many columns on, :func:`add_gram` multiplies only the lower triangle.
+GRAM_TRIANGLE_MIN_DIM = 1024
+#: Number of column blocks of :func:`add_gram`'s lower-triangle products.
+GRAM_TRIANGLE_BLOCKS = 8
+
+
+def add_gram(
+    chunks: Iterable[Tensor], out: Tensor, blocks: int | None = None
+) -> Tensor:
+    r"""Accumulate :math:`\sum_i \mathbf{U}_i^\top \mathbf{U}_i` into ``out`` ``[P, P]``.
+
+    The result is symmetric, so with ``blocks > 1`` only the lower block triangle is
+    multiplied: column block :math:`[a, b)` gets :math:`\mathbf{U}_{:, a:}^\top
+    \mathbf{U}_{:, a:b}` (rows ``a:``), with block edges that split the triangle into
+    equal areas, which takes :math:`(1 + 1/\text{blocks})/2` of the flops of one
+    full product; the strict upper triangle is then copied from the lower one.
+    ``out`` must be symmetric on entry (it is: zeros, or sums of such Gram
+    matrices).
+
+    Args:
+        chunks: Blocks of rows of :math:`\mathbf{U}`, each ``[k, P]``.
+        out: Symmetric accumulator ``[P, P]``.
+        blocks: Number of column blocks; ``None``: :data:`GRAM_TRIANGLE_BLOCKS` if
+            ``P >= GRAM_TRIANGLE_MIN_DIM``, else one full product per chunk.
+
+    Returns:
+        ``out``.
+    """
+    dim = out.shape[0]
+    if blocks is None:
+        blocks = GRAM_TRIANGLE_BLOCKS if dim >= GRAM_TRIANGLE_MIN_DIM else 1
+    if blocks <= 1:
+        for U in chunks:
+            out.addmm_(U.mT, U)
+        return out
+    edges = sorted(
+        {round(dim * (1 - (1 - i / blocks) ** 0.5)) for i in range(blocks + 1)}
+    )
+    spans = list(zip(edges[:-1], edges[1:]))
     for U in chunks:
-        out.addmm_(U.mT, U)
+        for a, b in spans:
+            out[a:, a:b].addmm_(U[:, a:].mT, U[:, a:b])
+    for a, b in spans:
+        out[a:b, b:] = out[b:, a:b].mT
     return out
 
 

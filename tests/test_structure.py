@@ -32,8 +32,10 @@ from curvlinops_fisher import (
     structure,
 )
 from curvlinops_fisher.structure import (
+    GRAM_TRIANGLE_MIN_DIM,
     CachedCurvatureLinearOperator,
     FactorMemoryError,
+    add_gram,
 )
 
 #: Operator class, brute-force reference, constructor/reference keyword arguments.
@@ -398,3 +400,19 @@ def test_causal_transformer() -> None:
     torch.testing.assert_close(op.trace(), dense.trace(), **TOL)
     torch.testing.assert_close(op.diagonal(), dense.diagonal(), **TOL)
     assert_eigenpairs(dense, *op.eigh(3, method="gram"), 3)
+
+
+@pytest.mark.parametrize(
+    ("dim", "blocks"),
+    [(23, None), (23, 1), (23, 2), (23, 3), (23, 8), (23, 50)]
+    + [(GRAM_TRIANGLE_MIN_DIM + 3, None)],
+)
+def test_add_gram_lower_triangle_blocks(dim, blocks) -> None:
+    """Block-triangular Gram accumulation equals U^T U (chunks, repeated calls)."""
+    generator = torch.Generator().manual_seed(0)
+    U = torch.randn(37, dim, generator=generator, dtype=torch.float64)
+    V = torch.randn(5, dim, generator=generator, dtype=torch.float64)
+    out = torch.zeros(dim, dim, dtype=torch.float64)
+    add_gram([U[:20], U[20:]], out=out, blocks=blocks)
+    add_gram([V], out=out, blocks=blocks)
+    assert_matrix_close(out, U.T @ U + V.T @ V, rtol=1e-13, atol=1e-13)
