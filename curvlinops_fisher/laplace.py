@@ -156,6 +156,12 @@ class _CurvlinopsFisherInterface(CurvatureInterface):
             return None
         return torch.as_tensor(indices, device=self.params[0].device)
 
+    def _scaled(self, loss: Tensor, curvature: Tensor) -> tuple[Tensor, Tensor]:
+        """``factor * loss`` and ``factor * curvature`` (in place: a fresh tensor)."""
+        if self.factor != 1.0:
+            curvature.mul_(self.factor)
+        return self.factor * loss, curvature
+
     @staticmethod
     def _check_kwargs(method: str, kwargs: dict[str, Any]) -> None:
         """Accept laplace-torch's ``N``; anything else is an error (not ignored)."""
@@ -202,7 +208,7 @@ class _CurvlinopsFisherInterface(CurvatureInterface):
                 (U[:, subnetwork] for U in op.factor_batches()),
                 out=torch.zeros(size, size, dtype=op.dtype, device=op.device),
             )
-        return self.factor * self._summed_loss([(x, y)]), self.factor * H
+        return self._scaled(self._summed_loss([(x, y)]), H)
 
     def diag(
         self,
@@ -235,7 +241,7 @@ class _CurvlinopsFisherInterface(CurvatureInterface):
                 (U[:, subnetwork] for U in op.factor_batches()),
                 out=torch.zeros(subnetwork.numel(), dtype=op.dtype, device=op.device),
             )
-        return self.factor * self._summed_loss([(x, y)]), self.factor * diagonal
+        return self._scaled(self._summed_loss([(x, y)]), diagonal)
 
     def kron(
         self,
