@@ -410,15 +410,15 @@ def add_gram(
 
 def add_squared_norm(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
     r"""Accumulate :math:`\sum_i \|\mathbf{U}_i\|_F^2` into the scalar ``out``."""
-    for U in chunks:
-        out.add_(U.square().sum())
+    for U in chunks:  # a norm reduction: no temporary of U's size
+        out.add_(torch.linalg.vector_norm(U).square())
     return out
 
 
 def add_column_squares(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
     r"""Accumulate the squared column norms :math:`\sum_i \sum_j (U_i)_{j:}^2` into ``out``."""
-    for U in chunks:
-        out.add_(U.square().sum(0))
+    for U in chunks:  # a norm reduction: no temporary of U's size
+        out.add_(torch.linalg.vector_norm(U, dim=0).square())
     return out
 
 
