@@ -52,6 +52,7 @@ from curvlinops_fisher.determinism import check_modules_in_eval_mode
 from curvlinops_fisher.errors import (
     DataError,
     ParameterError,
+    all_finite,
     check_finite,
     naming_batch,
 )
@@ -170,6 +171,27 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         """Multiply onto a matrix in tensor list format with a trailing column axis."""
         check_finite(M, "The vector or matrix multiplied onto the operator")
         V = tuple(m.movedim(-1, 0) for m in M)
+        result = self._accumulate_matmat(V, check_batches=False)
+        if not all_finite(result):
+            # Find the batch to name in the error: a second pass that checks each
+            # batch's contribution (only on this error path).
+            self._accumulate_matmat(V, check_batches=True)
+            check_finite(result, "The product (a sum of finite batch contributions)")
+        return [r.movedim(0, -1) for r in result]
+
+    def _accumulate_matmat(
+        self, V: tuple[Tensor, ...], check_batches: bool
+    ) -> list[Tensor]:
+        """Sum the batches' products onto ``V`` (leading column axis).
+
+        Args:
+            V: Matrix in tensor list format with a leading column axis.
+            check_batches: Check each batch's contribution for NaN and Inf (raises
+                :class:`~curvlinops_fisher.errors.NonFiniteError` naming the batch).
+
+        Returns:
+            The product in the format of ``V``.
+        """
         factor_kind = self._factor_kind()
         params = self._param_values()
         result = [torch.zeros_like(v) for v in V]
@@ -188,11 +210,14 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
                     max_columns=self.max_columns_per_pass,
                     check_targets=not self._targets_checked,
                 )
-                check_finite(batch_result, "The batch's contribution to the product")
+                if check_batches:
+                    check_finite(
+                        batch_result, "The batch's contribution to the product"
+                    )
             for acc, r in zip(result, batch_result):
                 acc.add_(r)
         self._targets_checked = True
-        return [r.movedim(0, -1) for r in result]
+        return result
 
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
         r"""Gradient and value of the data set's risk :math:`\sum_b c_b \sum_{t \in b} \ell_t`.
