@@ -37,6 +37,14 @@ from curvlinops_fisher.determinism import (
     check_deterministic as probe_determinism,
 )
 from curvlinops_fisher.determinism import check_modules_in_eval_mode
+from curvlinops_fisher.distributed import (
+    Agreement,
+    ProcessGroupLike,
+    ProcessGroupMixin,
+    RankSeededMCFisherFactor,
+    group_rank,
+    resolve_process_group,
+)
 from curvlinops_fisher.errors import DataError, ParameterError
 from curvlinops_fisher.factors import (
     EFFactor,
@@ -49,7 +57,9 @@ from curvlinops_fisher.losses import make_fisher_loss
 from curvlinops_fisher.structure import ExactStructureMixin
 
 
-class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
+class CurvatureLinearOperator(
+    ExactStructureMixin, ProcessGroupMixin, PyTorchLinearOperator
+):
     r"""Base class: a Fisher-family curvature matrix of an empirical risk.
 
     Subclasses only choose the output-space factor (:meth:`_factor_kind`).
@@ -75,6 +85,15 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         num_data: Number of data points ``N``; inferred with one pass if ``None``.
         batch_size_fn: Returns the number of data points of a batch input ``X``.
             Required when ``X`` is not a tensor.
+        process_group: ``None`` (default): one process holds all of ``data``. A
+            ``torch.distributed`` process group, or ``"default"`` for the default
+            group: each rank passes its own shard as ``data`` (it may be empty on
+            some ranks) and the operator is the curvature of the concatenated
+            shards, in rank order; ``num_data`` is then the global number of data
+            points (counted over all ranks if ``None``). Construction, products and
+            the exact structure are collective calls (see
+            :mod:`curvlinops_fisher.distributed`); a product costs one
+            ``all_reduce`` of its result.
 
     Attributes:
         max_columns_per_pass: Most matrix columns that share one forward pass (each
@@ -95,8 +114,38 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         check_deterministic: bool = True,
         num_data: int | None = None,
         batch_size_fn: BatchSizeFn | None = None,
+        *,
+        process_group: ProcessGroupLike = None,
     ):
         """Set up the operator (see the class docstring for the arguments)."""
+        self._process_group = resolve_process_group(process_group)
+        self._rank = group_rank(self._process_group)
+        with Agreement(self._process_group, f"{type(self).__name__}()") as agreement:
+            self._setup(
+                model_func,
+                loss_func,
+                params,
+                data,
+                progressbar,
+                check_deterministic,
+                batch_size_fn,
+            )
+            agreement.share(self._infer_num_data() if num_data is None else num_data)
+        self._N_data = agreement.combine_num_data(num_data)
+        if not (isinstance(self._N_data, int) and self._N_data > 0):
+            raise DataError(f"num_data must be a positive int; got {num_data!r}.")
+
+    def _setup(
+        self,
+        model_func: Module,
+        loss_func: Module,
+        params: list[Tensor],
+        data: Iterable[Batch],
+        progressbar: bool,
+        check_deterministic: bool,
+        batch_size_fn: BatchSizeFn | None,
+    ) -> None:
+        """Validate the arguments on this rank's data (no collectives)."""
         self._loss = make_fisher_loss(loss_func)
         self._loss_func = loss_func
         if not isinstance(model_func, Module):
@@ -116,20 +165,21 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
 
         if check_deterministic:  # before any forward pass changes BatchNorm stats
             check_modules_in_eval_mode(model_func)
-        X, y = first_batch(data, self.device)
-        if isinstance(X, Mapping) and batch_size_fn is None:
-            raise DataError(
-                "The batch inputs X are mappings, so batch_size_fn is required, e.g. "
-                "batch_size_fn=lambda X: X['input_ids'].shape[0]."
-            )
-        self._check_params_used(X, y)
+        batch = first_batch(
+            data, self.device, allow_empty=self._process_group is not None
+        )
+        if batch is not None:  # None: an empty shard of distributed data
+            X, y = batch
+            if isinstance(X, Mapping) and batch_size_fn is None:
+                raise DataError(
+                    "The batch inputs X are mappings, so batch_size_fn is required, "
+                    "e.g. batch_size_fn=lambda X: X['input_ids'].shape[0]."
+                )
+            self._check_params_used(X, y)
         self._targets_checked = False
         if check_deterministic:
             probe_determinism(model_func, self._batches, self._checked_forward)
             self._targets_checked = True
-        self._N_data = self._infer_num_data() if num_data is None else num_data
-        if not (isinstance(self._N_data, int) and self._N_data > 0):
-            raise DataError(f"num_data must be a positive int; got {num_data!r}.")
 
     # ------------------------------------------------------------ properties
     @property
@@ -150,6 +200,13 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply onto a matrix in tensor list format with a trailing column axis."""
         V = tuple(m.movedim(-1, 0) for m in M)
+        result = self._sum_over_ranks(
+            lambda: self._local_matmat(V), [v.shape for v in V]
+        )
+        return [r.movedim(0, -1) for r in result]
+
+    def _local_matmat(self, V: tuple[Tensor, ...]) -> list[Tensor]:
+        """This rank's part of the product with ``V`` (leading column axis)."""
         factor_kind = self._factor_kind()
         params = self._param_values()
         result = [torch.zeros_like(v) for v in V]
@@ -170,15 +227,26 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
             for acc, r in zip(result, batch_result):
                 acc.add_(r)
         self._targets_checked = True
-        return [r.movedim(0, -1) for r in result]
+        return result
 
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
         r"""Gradient and value of the data set's risk :math:`\sum_b (N_b/N)^{[mean]} L_b`.
+
+        With a process group, the sum over the ranks' shards (one ``all_reduce``).
 
         Returns:
             The gradient w.r.t. ``params`` (tensor list) and the risk (a scalar).
         """
         params = self._param_values()
+        *gradient, total = self._sum_over_ranks(
+            lambda: self._local_gradient_and_loss(params),
+            [*(p.shape for p in params), ()],
+            "gradient_and_loss()",
+        )
+        return gradient, total
+
+    def _local_gradient_and_loss(self, params: tuple[Tensor, ...]) -> list[Tensor]:
+        """Gradient and risk of this rank's shard, as one tensor list."""
         gradient = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=self.dtype, device=self.device)
 
@@ -196,7 +264,7 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
             total += value
             for acc, g in zip(gradient, batch_grad):
                 acc.add_(g)
-        return gradient, total
+        return [*gradient, total]
 
     # --------------------------------------------------------------- helpers
     def _param_values(self) -> tuple[Tensor, ...]:
@@ -210,6 +278,7 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         return default_batch_size_fn(self._batch_size_fn, X)
 
     def _infer_num_data(self) -> int:
+        """Number of data points of this rank's data (summed over ranks at setup)."""
         return sum(self._batch_size(X) for X, _ in self._batches("num_data"))
 
     def _checked_forward(self, batch: Batch) -> Tensor:
@@ -321,6 +390,17 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         mc_samples: Number ``M`` of would-be gradients per loss term. Default: ``1``.
         num_data: See :class:`CurvatureLinearOperator`.
         batch_size_fn: See :class:`CurvatureLinearOperator`.
+        process_group: See :class:`CurvatureLinearOperator`. With a group the sample
+            is drawn differently (see below).
+
+    With a process group, batch ``i`` of rank ``r``'s shard (in data order) draws its
+    sample from a generator seeded with
+    :func:`~curvlinops_fisher.distributed.rank_batch_seed` ``(seed, r, i)`` at the
+    start of that batch. The operator is then the MC Fisher of the concatenated
+    data with this sample: deterministic, independent of the products taken before,
+    and a function of ``seed`` and of how the batches are laid out over the ranks.
+    It is a different (equally valid) sample than the single-process operator's,
+    whose one generator runs through all batches.
     """
 
     FIXED_DATA_ORDER: bool = True
@@ -337,6 +417,8 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         mc_samples: int = 1,
         num_data: int | None = None,
         batch_size_fn: Callable | None = None,
+        *,
+        process_group: ProcessGroupLike = None,
     ):
         """Set up the operator (see the class docstring for the arguments)."""
         _check_positive_int("mc_samples", mc_samples)
@@ -353,6 +435,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             check_deterministic=check_deterministic,
             num_data=num_data,
             batch_size_fn=batch_size_fn,
+            process_group=process_group,
         )
 
     @property
@@ -367,6 +450,10 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
 
     def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
         _check_positive_int("mc_samples", self._mc_samples)
+        if self._process_group is not None:
+            return RankSeededMCFisherFactor(
+                self._mc_samples, self._seed, self._rank, self.device
+            )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self._seed)
         return MCFisherFactor(self._mc_samples, generator)

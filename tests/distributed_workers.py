@@ -1,0 +1,252 @@
+"""Worker functions of ``test_distributed.py``, run in spawned Gloo processes.
+
+Each worker joins a process group, runs a group of checks against single-process
+references computed on the concatenated data (every rank builds the same problem from
+a seed), and raises on the first failure; ``torch.multiprocessing.spawn`` re-raises
+it in the test with the worker's traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import numpy
+import pytest
+import torch
+import torch.distributed as dist
+from problems import LOSSES, REDUCTIONS, make_problem
+from reference import dense_fisher_mc, dense_ggn
+from scipy.sparse.linalg import cg, eigsh
+
+from curvlinops_fisher import (
+    EFLinearOperator,
+    FisherMCLinearOperator,
+    GGNLinearOperator,
+)
+from curvlinops_fisher.distributed import rank_batch_seed, solve_on_root
+from curvlinops_fisher.errors import DataError, DistributedError
+
+#: Process group timeout: a hang fails the test instead of blocking it.
+TIMEOUT = timedelta(seconds=60)
+#: Which of the problem's three batches (sizes 3, 5, 2) each rank holds.
+SHARDS = {2: [[0], [1, 2]], 3: [[0, 1], [], [2]]}
+OPERATORS = {"ggn": GGNLinearOperator, "ef": EFLinearOperator}
+SEED = 42
+
+
+def run(rank: int, world_size: int, init_file: str, check: Callable) -> None:
+    """Join the group (file rendezvous), run ``check(rank, world_size)``, leave."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=TIMEOUT,
+    )
+    try:
+        check(rank, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(batches: list, rank: int, world_size: int) -> list:
+    return [batches[i] for i in SHARDS[world_size][rank]]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=what)
+
+
+def mc_reference(problem, rank_batches: list[list], **kwargs) -> torch.Tensor:
+    """Single-process MC Fisher with the distributed sample, as a dense matrix.
+
+    Batch ``i`` of rank ``r`` is a one-batch single-process operator seeded with
+    ``rank_batch_seed(seed, r, i)`` (its generator then draws exactly that batch's
+    sample); the sum over all batches is the distributed operator.
+    """
+    P = sum(p.numel() for p in problem.params)
+    dense = torch.zeros(P, P, dtype=torch.float64)
+    for r, batches in enumerate(rank_batches):
+        for i, batch in enumerate(batches):
+            op = FisherMCLinearOperator(
+                problem.model,
+                problem.loss_func,
+                problem.params,
+                [batch],
+                seed=rank_batch_seed(SEED, r, i),
+                num_data=problem.num_data,
+                **kwargs,
+            )
+            dense += op @ torch.eye(P, dtype=torch.float64)
+    return dense
+
+
+def check_operators(rank: int, world_size: int) -> None:
+    """Every operator and loss, both reductions: products, structure, gradient."""
+    for loss in LOSSES:
+        for reduction in REDUCTIONS:
+            problem = make_problem("mlp_tanh", loss, reduction, layout="unequal")
+            P = sum(p.numel() for p in problem.params)
+            eye = torch.eye(P, dtype=torch.float64)
+            local = shard(problem.batches, rank, world_size)
+            args = (problem.model, problem.loss_func, problem.params)
+            name = f"{loss}-{reduction}"
+            for key, cls in OPERATORS.items():
+                ours = cls(*args, local, process_group="default")
+                ref = cls(*args, problem.batches)
+                expected = ref @ eye
+                assert_close(ours @ eye, expected, f"{key} {name} product")
+                if key == "ggn":
+                    assert_close(ours.to_dense(), expected, f"{name} to_dense")
+                    assert_close(ours.trace(), expected.trace(), f"{name} trace")
+                    assert_close(ours.diagonal(), expected.diagonal(), f"{name} diag")
+                    grad, value = ours.gradient_and_loss()
+                    ref_grad, ref_value = ref.gradient_and_loss()
+                    assert_close(value, ref_value, f"{name} loss")
+                    for g, h in zip(grad, ref_grad, strict=True):
+                        assert_close(g, h, f"{name} gradient")
+            mc = FisherMCLinearOperator(
+                *args, local, seed=SEED, mc_samples=2, process_group="default"
+            )
+            rank_batches = [
+                shard(problem.batches, r, world_size) for r in range(world_size)
+            ]
+            expected = mc_reference(problem, rank_batches, mc_samples=2)
+            assert_close(mc @ eye, expected, f"mc {name} product")
+            assert_close(mc @ eye, expected, f"mc {name} second product")
+            assert_close(mc.to_dense(), expected, f"mc {name} to_dense")
+            assert_close(mc.diagonal(), expected.diagonal(), f"mc {name} diagonal")
+    # the MC sample itself, against the brute-force reference (float64 torch.func)
+    problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
+    local = shard(problem.batches, rank, world_size)
+    mc = FisherMCLinearOperator(
+        problem.model, problem.loss_func, problem.params, local, seed=SEED,
+        process_group="default",
+    )  # fmt: skip
+    brute = sum(
+        dense_fisher_mc(
+            problem.model,
+            problem.loss_func,
+            problem.params,
+            [batch],
+            seed=rank_batch_seed(SEED, r, i),
+            num_data=problem.num_data,
+        )
+        for r in range(world_size)
+        for i, batch in enumerate(shard(problem.batches, r, world_size))
+    )
+    assert_close(mc.to_dense(), brute, "mc against brute force")
+
+
+def check_solvers_and_cache(rank: int, world_size: int) -> None:
+    """SciPy on rank 0 with the others serving; eigh; cached operator; num_data."""
+    problem = make_problem("mlp_tanh", "ce", "sum", layout="unequal")
+    local = shard(problem.batches, rank, world_size)
+    args = (problem.model, problem.loss_func, problem.params)
+    op = GGNLinearOperator(*args, local, process_group="default")
+    ref = GGNLinearOperator(*args, problem.batches)
+    dense = dense_ggn(*args, problem.batches)
+    P = dense.shape[0]
+
+    # eigsh with rank 0 driving: every rank gets rank 0's result
+    values = solve_on_root(
+        op, lambda A: eigsh(A, k=3, which="LA", return_eigenvectors=False)
+    )
+    expected = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    assert numpy.allclose(numpy.sort(values)[::-1], expected.numpy(), rtol=1e-8)
+    # cg on (A + I) x = b, with the damped sum operator
+    b = numpy.linspace(-1.0, 1.0, P)
+    x, info = solve_on_root(op, lambda A: cg(A + _identity(P), b, rtol=1e-12))
+    assert info == 0
+    x_ref = torch.linalg.solve(dense + torch.eye(P, dtype=dense.dtype), torch.tensor(b))
+    assert numpy.allclose(x, x_ref.numpy(), atol=1e-8)
+
+    # eigh: 'auto' takes eigsh; 'gram' needs all rows
+    eigenvalues, eigenvectors = op.eigh(3)
+    assert_close(eigenvalues, expected, "eigh values")
+    assert_close(
+        (ref @ eigenvectors), eigenvectors * eigenvalues, "eigh vectors (A v = l v)"
+    )
+    with pytest.raises(ValueError, match="method='gram'"):
+        op.eigh(2, method="gram")
+
+    # factor: this rank's rows only; cached operator sums the ranks' parts
+    U = op.factor()
+    ref_U = ref.factor()
+    assert U.shape[1] == P and U.shape[0] <= ref_U.shape[0]
+    cached = op.cached()
+    eye = torch.eye(P, dtype=torch.float64)
+    assert_close(cached @ eye, ref @ eye, "cached product")
+    assert_close(cached.to_dense(), ref.to_dense(), "cached to_dense")
+    assert_close(cached.trace(), ref.trace(), "cached trace")
+    assert_close(cached.diagonal(), ref.diagonal(), "cached diagonal")
+    cached_values, _ = cached.eigh(3)
+    assert_close(cached_values, expected, "cached eigh")
+
+    # num_data given (global, as on every rank) equals the counted one
+    given = GGNLinearOperator(*args, local, num_data=problem.num_data,
+                              process_group="default")  # fmt: skip
+    assert given._N_data == op._N_data == problem.num_data
+
+
+def _identity(dim: int):
+    from scipy.sparse.linalg import aslinearoperator
+
+    return aslinearoperator(numpy.eye(dim))
+
+
+def check_errors(rank: int, world_size: int) -> None:
+    """A rank that fails makes every rank fail with a clear message, no hang."""
+    problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
+    args = (problem.model, problem.loss_func, problem.params)
+    local = shard(problem.batches, rank, world_size)
+
+    # construction: bad targets on rank 1 only
+    bad = [(X, y + 100 if rank == 1 else y) for X, y in local]
+    with pytest.raises(
+        DistributedError, match=r"(?s)rank\(s\) 1 .*out of range"
+    ) as info:
+        GGNLinearOperator(*args, bad, process_group="default")
+    assert set(info.value.failures) == {1}
+
+    # construction: data empty on every rank
+    with pytest.raises(DataError, match="empty on every rank"):
+        GGNLinearOperator(*args, [], process_group="default")
+
+    # construction: ranks disagree on num_data
+    with pytest.raises(DistributedError, match="different num_data"):
+        GGNLinearOperator(*args, local, num_data=10 + rank, process_group="default")
+
+    # a product whose local part fails on the last rank
+    op = GGNLinearOperator(*args, local, process_group="default")
+    P = op.shape[1]
+    v = torch.ones(P, dtype=torch.float64)
+    expected = op @ v
+    if rank == world_size - 1:
+
+        def broken(*args):
+            raise RuntimeError("boom in the local product")
+
+        op._local_matmat = broken
+    with pytest.raises(DistributedError, match="boom in the local product"):
+        op @ v
+    if rank == world_size - 1:
+        del op._local_matmat
+        op._factor_chunks = broken
+    with pytest.raises(DistributedError, match="boom in the local product"):
+        op.trace()
+    op.__dict__.pop("_factor_chunks", None)
+    # the group is still in step: the next product works
+    assert_close(op @ v, expected, "product after an error")
+
+    # the driving rank's solver fails: the servers stop with its message
+    def solve(A):
+        A @ numpy.ones(P)
+        raise ArithmeticError("solver diverged")
+
+    error = ArithmeticError if rank == 0 else DistributedError
+    with pytest.raises(error, match="solver diverged"):
+        solve_on_root(op, solve)
+    assert_close(op @ v, expected, "product after a failed solver")
