@@ -35,8 +35,10 @@ OPERATORS = {"ggn": GGNLinearOperator, "ef": EFLinearOperator}
 SEED = 42
 
 
-def run(rank: int, world_size: int, init_file: str, check: Callable) -> None:
-    """Join the group (file rendezvous), run ``check(rank, world_size)``, leave."""
+def run(
+    rank: int, world_size: int, init_file: str, checks: tuple[Callable, ...]
+) -> None:
+    """Join the group (file rendezvous), run each ``check(rank, world_size)``."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -46,7 +48,8 @@ def run(rank: int, world_size: int, init_file: str, check: Callable) -> None:
         timeout=TIMEOUT,
     )
     try:
-        check(rank, world_size)
+        for check in checks:
+            check(rank, world_size)
     finally:
         dist.destroy_process_group()
 

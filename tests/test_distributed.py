@@ -8,6 +8,11 @@ group's timeout turns a hang into a failure.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import distributed_workers as workers
 import pytest
 import torch.distributed as dist
@@ -17,32 +22,31 @@ from problems import make_problem
 from curvlinops_fisher import GGNLinearOperator
 from curvlinops_fisher.errors import DistributedError
 
+ROOT = Path(__file__).resolve().parent.parent
+
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with Gloo is not available",
 )
 
 
-def spawn(check, world_size: int, tmp_path) -> None:
+def spawn(world_size: int, tmp_path, *checks) -> None:
     mp.spawn(
         workers.run,
-        args=(world_size, str(tmp_path / "rendezvous"), check),
+        args=(world_size, str(tmp_path / "rendezvous"), checks),
         nprocs=world_size,
         join=True,
     )
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_operators_match_single_process(world_size, tmp_path):
-    spawn(workers.check_operators, world_size, tmp_path)
+def test_two_ranks_operators_and_errors(tmp_path):
+    """Every operator and loss (unequal shards); errors on one rank reach all."""
+    spawn(2, tmp_path, workers.check_operators, workers.check_errors)
 
 
-def test_solvers_eigh_and_cached(tmp_path):
-    spawn(workers.check_solvers_and_cache, 3, tmp_path)
-
-
-def test_errors_reach_every_rank(tmp_path):
-    spawn(workers.check_errors, 2, tmp_path)
+def test_three_ranks_operators_solvers_and_cache(tmp_path):
+    """Every operator and loss with an empty shard; SciPy on rank 0; eigh; cached."""
+    spawn(3, tmp_path, workers.check_operators, workers.check_solvers_and_cache)
 
 
 def test_process_group_needs_initialized_distributed():
@@ -59,3 +63,25 @@ def test_single_process_has_no_group():
     )
     assert op.process_group is None
     assert op.cached().process_group is None
+
+
+def test_torchrun_example_runs_on_two_processes():
+    """The documented launch: torchrun (python -m torch.distributed.run) on CPU."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "examples/distributed/eigsh_torchrun.py",
+            "--check",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "matches the single-process operator" in result.stdout
