@@ -8,6 +8,8 @@ group's timeout turns a hang into a failure.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -85,3 +87,24 @@ def test_torchrun_example_runs_on_two_processes():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "matches the single-process operator" in result.stdout
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/distributed.py runs end to end and writes complete records."""
+    out = tmp_path / "distributed.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/distributed.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert {(r["setting"], r["columns"]) for r in records} == {
+        (setting, K) for setting in ("1 process", "2 ranks") for K in (1, 16)
+    }
+    for r in records:
+        assert math.isfinite(r["product_s"]) and r["product_s"] > 0
+        assert r["speedup_vs_1_process"] > 0
+        assert (r["allreduce_s"] > 0) == (r["setting"] == "2 ranks")
