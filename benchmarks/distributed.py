@@ -148,7 +148,9 @@ def worker(rank: int, world_size: int, init_file: str, config: dict, out: str):
         )
     if rank == 0:
         Path(out).write_text(json.dumps(records))
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # skip finalization: Gloo threads may abort a tearing-down process
 
 
 def single_process(config: dict) -> list[dict]:

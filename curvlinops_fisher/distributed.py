@@ -71,7 +71,7 @@ def resolve_process_group(process_group: ProcessGroupLike) -> ProcessGroup | Non
 
     Raises:
         DistributedError: If a group is requested but ``torch.distributed`` is not
-            available or not initialized.
+            available or not initialized, or this process is not in the group.
         ValueError: If ``process_group`` is of another type.
     """
     if process_group is None:
@@ -89,6 +89,19 @@ def resolve_process_group(process_group: ProcessGroupLike) -> ProcessGroup | Non
                 f"process group; got the string {process_group!r}."
             )
         return dist.group.WORLD
+    non_member = getattr(dist.GroupMember, "NON_GROUP_MEMBER", None)
+    if (
+        not isinstance(process_group, dist.ProcessGroup)
+        and non_member is not None
+        and process_group == non_member  # what new_group returns on other ranks
+    ) or (
+        isinstance(process_group, dist.ProcessGroup)
+        and dist.get_rank(process_group) < 0
+    ):
+        raise DistributedError(
+            "This process is not a member of process_group: create the operator "
+            "only on the ranks that dist.new_group(ranks) was given."
+        )
     if not isinstance(process_group, dist.ProcessGroup):
         raise ValueError(
             "process_group must be None, 'default' or a torch.distributed process "
