@@ -4,9 +4,11 @@ The generalized Gauss-Newton (:class:`GGNLinearOperator`), the seeded Monte-Carl
 Fisher (:class:`FisherMCLinearOperator`) and the empirical Fisher
 (:class:`EFLinearOperator`), drop-in compatible with curvlinops' operator API, with
 exact dense matrices, traces, diagonals and eigenpairs from their factor structure,
-and randomized estimators for any operator.
+and randomized estimators for any operator. :mod:`curvlinops_fisher.functional` offers
+the same products as plain functions (laplax-style, with and without fixed data).
 """
 
+from curvlinops_fisher import functional
 from curvlinops_fisher.curvature import (
     CurvatureLinearOperator,
     EFLinearOperator,
@@ -39,6 +41,7 @@ __all__ = [
     "IdentityLinearOperator",
     "PyTorchLinearOperator",
     "empirical_fisher_trace",
+    "functional",
     "generalized_fisher_trace",
     "hutchinson_diag",
     "hutchinson_squared_fro",

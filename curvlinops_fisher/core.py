@@ -33,6 +33,11 @@ from curvlinops_fisher.losses import FisherLoss
 
 ModelFunction = Callable[[tuple[Tensor, ...], ModelInput], Tensor]
 
+#: Default of the most matrix columns that share one forward pass.
+DEFAULT_MAX_COLUMNS = 64
+#: Default seed of the Monte-Carlo Fisher's generator (operators and functional API).
+DEFAULT_MC_SEED = 2147483647
+
 
 def parameter_names(model: Module, params: Sequence[Tensor]) -> tuple[str, ...]:
     """Names under which ``params`` live in ``model`` (for ``functional_call``).
@@ -80,11 +85,36 @@ def make_model_function(model: Module, params: Sequence[Tensor]) -> ModelFunctio
     Returns:
         ``f(param_values, X) -> output``.
     """
-    names = parameter_names(model, params)
+    return named_model_function(model, parameter_names(model, params))
+
+
+def named_model_function(
+    model: Module | Callable[[dict[str, Tensor], ModelInput], Tensor],
+    names: Sequence[str],
+) -> ModelFunction:
+    """Turn a module or a function of a parameter dict into ``f(param_values, X)``.
+
+    Args:
+        model: An ``nn.Module`` (run with ``functional_call``: parameters not in
+            ``names`` and buffers keep the module's values) or a pure function
+            ``model(params, X)`` of a dict ``name -> tensor``.
+        names: The names the positional ``param_values`` stand for, in order.
+
+    Returns:
+        ``f(param_values, X) -> output``.
+    """
+    names = tuple(names)
+    if isinstance(model, Module):
+
+        def call(named: dict[str, Tensor], X: ModelInput) -> Tensor:
+            return functional_call(model, named, (X,))
+
+    else:
+        call = model
 
     def model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
         with forward_ad_compatible_kernels():
-            return functional_call(model, dict(zip(names, param_values)), (X,))
+            return call(dict(zip(names, param_values)), X)
 
     return model_function
 
@@ -210,10 +240,15 @@ def _linearize_columns(
 
         return vmap(output_and_jvp, out_dims=(None, 0))(V)
 
-    output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
+    # torch.func differentiates w.r.t. ``params`` whatever the outer grad mode; no_grad
+    # keeps module parameters outside ``params`` that require grad from recording an
+    # autograd graph into the results.
+    with torch.no_grad():
+        output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
 
     def backward(cotangents: Tensor) -> tuple[Tensor, ...]:
-        (result,) = vmap(vjp_fn)(cotangents)
+        with torch.no_grad():
+            (result,) = vmap(vjp_fn)(cotangents)
         return result
 
     return output, JV, backward
@@ -241,6 +276,8 @@ def _linearize_one_column(
     Returns:
         See :func:`_linearize_columns`.
     """
+    if torch.compiler.is_compiling():  # dual numbers do not trace; torch.func does
+        return _linearize_columns(model_function, params, X, V)
     leaves = tuple(p.detach().requires_grad_() for p in params)
     with torch.enable_grad(), forward_ad.dual_level():
         duals = tuple(forward_ad.make_dual(leaf, v[0]) for leaf, v in zip(leaves, V))

@@ -12,20 +12,33 @@ and a loss :math:`\ell` whose batch outputs consist of loss terms
 with :math:`c_b = 1` for ``reduction='sum'`` and :math:`c_b = N_b / (N D_b)` for
 ``reduction='mean'`` (:math:`D_b` is what PyTorch's ``mean`` divides the batch loss by:
 the number of terms for ``CrossEntropyLoss``, times ``C`` for ``MSELoss`` and
-``BCEWithLogitsLoss``). The subclasses differ only in the output-space factor
-:math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`).
+``BCEWithLogitsLoss``; curvlinops' convention). Where that divisor depends on the
+targets (``CrossEntropyLoss`` with ignored targets or class weights), :math:`c_b = 1/D`
+with :math:`D = \sum_b D_b` (non-ignored terms, or their targets' class weights)
+counted once at construction over the whole data set: the operator is then the
+curvature of PyTorch's loss on the concatenated data. The subclasses differ only in
+the output-space factor :math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`). Each
+batch's product is :func:`curvlinops_fisher.core.batch_curvature_matmat`, the function
+behind :mod:`curvlinops_fisher.functional` too: an operator is the sum of the
+functional products of its batches, each times :math:`c_b`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
 from torch.nn import Module
 
-from curvlinops_fisher.core import batch_curvature_matmat, make_model_function
+from curvlinops_fisher.core import (
+    DEFAULT_MAX_COLUMNS,
+    DEFAULT_MC_SEED,
+    batch_curvature_matmat,
+    make_model_function,
+)
 from curvlinops_fisher.data import (
     Batch,
     BatchSizeFn,
@@ -45,7 +58,12 @@ from curvlinops_fisher.distributed import (
     group_rank,
     resolve_process_group,
 )
-from curvlinops_fisher.errors import DataError, ParameterError
+from curvlinops_fisher.errors import (
+    DataError,
+    ParameterError,
+    check_finite,
+    naming_batch,
+)
 from curvlinops_fisher.factors import (
     EFFactor,
     GGNFactor,
@@ -53,7 +71,7 @@ from curvlinops_fisher.factors import (
     OutputFactorKind,
 )
 from curvlinops_fisher.linop import PyTorchLinearOperator
-from curvlinops_fisher.losses import make_fisher_loss
+from curvlinops_fisher.losses import PerDatumLoss, make_fisher_loss
 from curvlinops_fisher.structure import ExactStructureMixin
 
 
@@ -83,6 +101,8 @@ class CurvatureLinearOperator(
             the same batches and model outputs (two forward passes per batch without
             gradients), and that no Dropout or BatchNorm layer is in training mode.
         num_data: Number of data points ``N``; inferred with one pass if ``None``.
+            ``CrossEntropyLoss(reduction='mean')`` always makes that pass (over the
+            targets only) to find ignored targets and the data set's divisor.
         batch_size_fn: Returns the number of data points of a batch input ``X``.
             Required when ``X`` is not a tensor.
         process_group: ``None`` (default): one process holds all of ``data``. A
@@ -102,7 +122,7 @@ class CurvatureLinearOperator(
 
     SELF_ADJOINT: bool = True
     FIXED_DATA_ORDER: bool = False
-    max_columns_per_pass: int = 64
+    max_columns_per_pass: int = DEFAULT_MAX_COLUMNS
 
     def __init__(
         self,
@@ -130,8 +150,9 @@ class CurvatureLinearOperator(
                 check_deterministic,
                 batch_size_fn,
             )
-            agreement.share(self._infer_num_data() if num_data is None else num_data)
-        self._N_data = agreement.combine_num_data(num_data)
+            agreement.share(self._scan_data(num_data))
+        self._N_data, divisor, needed = agreement.combine_scans(num_data)
+        self._loss.normalizer = self._loss.normalizer_from_count(divisor, needed)
         if not (isinstance(self._N_data, int) and self._N_data > 0):
             raise DataError(f"num_data must be a positive int; got {num_data!r}.")
 
@@ -207,30 +228,37 @@ class CurvatureLinearOperator(
 
     def _local_matmat(self, V: tuple[Tensor, ...]) -> list[Tensor]:
         """This rank's part of the product with ``V`` (leading column axis)."""
+        check_finite(V, "The vector or matrix multiplied onto the operator")
         factor_kind = self._factor_kind()
         params = self._param_values()
         result = [torch.zeros_like(v) for v in V]
-        for X, y in self._batches("matmat"):
+        for index, (X, y) in enumerate(self._batches("matmat")):
             scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
-            batch_result = batch_curvature_matmat(
-                self._model_function,
-                params,
-                X,
-                y,
-                V,
-                self._loss,
-                factor_kind,
-                scale=scale,
-                max_columns=self.max_columns_per_pass,
-                check_targets=not self._targets_checked,
-            )
+            with naming_batch(index):
+                batch_result = batch_curvature_matmat(
+                    self._model_function,
+                    params,
+                    X,
+                    y,
+                    V,
+                    self._loss,
+                    factor_kind,
+                    scale=scale,
+                    max_columns=self.max_columns_per_pass,
+                    check_targets=not self._targets_checked,
+                )
+                check_finite(batch_result, "The batch's contribution to the product")
             for acc, r in zip(result, batch_result):
                 acc.add_(r)
         self._targets_checked = True
         return result
 
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
-        r"""Gradient and value of the data set's risk :math:`\sum_b (N_b/N)^{[mean]} L_b`.
+        r"""Gradient and value of the data set's risk :math:`\sum_b c_b \sum_{t \in b} \ell_t`.
+
+        :math:`c_b` is the batch scale of the curvature (for ``mean``: PyTorch's
+        ``mean`` over the concatenated data set, see
+        :meth:`~curvlinops_fisher.losses.FisherLoss.batch_scale`).
 
         With a process group, the sum over the ranks' shards (one ``all_reduce``).
 
@@ -251,14 +279,10 @@ class CurvatureLinearOperator(
         total = torch.zeros((), dtype=self.dtype, device=self.device)
 
         for X, y in self._batches("gradient"):
-            scale = (
-                self._batch_size(X) / self._N_data
-                if self._loss.reduction == "mean"
-                else 1.0
-            )
+            scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
 
             def batch_risk(p: tuple[Tensor, ...], X=X, y=y, scale=scale) -> Tensor:
-                return self._loss_func(self._model_function(p, X), y) * scale
+                return self._loss.summed_loss(self._model_function(p, X), y) * scale
 
             batch_grad, value = grad_and_value(batch_risk)(params)
             total += value
@@ -277,9 +301,31 @@ class CurvatureLinearOperator(
     def _batch_size(self, X: object) -> int:
         return default_batch_size_fn(self._batch_size_fn, X)
 
-    def _infer_num_data(self) -> int:
-        """Number of data points of this rank's data (summed over ranks at setup)."""
-        return sum(self._batch_size(X) for X, _ in self._batches("num_data"))
+    def _scan_data(self, num_data: int | None) -> tuple[Any, float, bool]:
+        """This rank's data scan: its number of data points and ``mean`` divisor.
+
+        One pass over this rank's data, only if needed: to count the data points, or
+        for a ``mean`` whose divisor depends on the targets (see
+        :meth:`~curvlinops_fisher.losses.FisherLoss.data_normalizer`). ``__init__``
+        combines the ranks' scans (sums and OR) and sets the loss's normalizer.
+
+        Returns:
+            ``num_data`` if given, else the number of this rank's data points; the
+            summed divisor of this rank's targets and whether they need the data
+            set's divisor (:meth:`~curvlinops_fisher.losses.FisherLoss.count_targets`;
+            ``0.0`` and ``False`` without a pass).
+        """
+        if num_data is not None and not self._loss.scans_targets:
+            return num_data, 0.0, False
+        sizes = []
+
+        def targets() -> Iterator[Tensor]:
+            for X, y in self._batches("num_data"):
+                sizes.append(self._batch_size(X) if num_data is None else 0)
+                yield y
+
+        divisor, needed = self._loss.count_targets(targets())
+        return (sum(sizes) if num_data is None else num_data), divisor, needed
 
     def _checked_forward(self, batch: Batch) -> Tensor:
         """The model output of a batch, after validating the batch's targets."""
@@ -343,17 +389,77 @@ class GGNLinearOperator(CurvatureLinearOperator):
 
 
 class EFLinearOperator(CurvatureLinearOperator):
-    r"""Empirical Fisher (uncentered gradient covariance) of the loss terms.
+    r"""Empirical Fisher (uncentered gradient covariance) of the loss terms or data.
+
+    By default (``per_datum=False``) each loss term (every position of a sequence
+    output) is one gradient, as in curvlinops:
 
     .. math::
         \mathbf{A} = \sum_b c_b \sum_t \nabla_{\boldsymbol\theta}\ell_t
             (\nabla_{\boldsymbol\theta}\ell_t)^\top,
         \qquad \mathbf{B}_t = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t, \mathbf{y}_t).
 
-    Each loss term (every position of a sequence output) is one gradient, as in
-    curvlinops. Cost of a product: that of the GGN (the gradients live in output
-    space).
+    With ``per_datum=True`` each data point is one gradient, that of its summed loss
+    :math:`\ell_n = \sum_{t \in n} \ell_t` (what is usually meant for sequence
+    models), with the same scale :math:`c_b`:
+
+    .. math::
+        \mathbf{A} = \sum_b c_b \sum_{n \in b} \nabla_{\boldsymbol\theta}\ell_n
+            (\nabla_{\boldsymbol\theta}\ell_n)^\top.
+
+    Both agree when every datum has one term (outputs ``(N, C)``). Cost of a product:
+    that of the GGN (the gradients live in output space).
+
+    Args:
+        model_func: See :class:`CurvatureLinearOperator`.
+        loss_func: See :class:`CurvatureLinearOperator`.
+        params: See :class:`CurvatureLinearOperator`.
+        data: See :class:`CurvatureLinearOperator`.
+        progressbar: See :class:`CurvatureLinearOperator`.
+        check_deterministic: See :class:`CurvatureLinearOperator`.
+        num_data: See :class:`CurvatureLinearOperator`.
+        batch_size_fn: See :class:`CurvatureLinearOperator`.
+        per_datum: Gradients of data points instead of loss terms (keyword only).
+            Default: ``False``.
+        process_group: See :class:`CurvatureLinearOperator`.
     """
+
+    def __init__(
+        self,
+        model_func: Module,
+        loss_func: Module,
+        params: list[Tensor],
+        data: Iterable[Batch],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        *,
+        per_datum: bool = False,
+        process_group: ProcessGroupLike = None,
+    ):
+        """Set up the operator (see the class docstring for the arguments)."""
+        if not isinstance(per_datum, bool):
+            raise ValueError(f"per_datum must be a bool; got {per_datum!r}.")
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=check_deterministic,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            process_group=process_group,
+        )
+        self._per_datum = per_datum
+        if per_datum:
+            self._loss = PerDatumLoss(self._loss)
+
+    @property
+    def per_datum(self) -> bool:
+        """Whether the gradients are per data point (else per loss term)."""
+        return self._per_datum
 
     def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
         return EFFactor()
@@ -413,7 +519,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         data: Iterable[Batch],
         progressbar: bool = False,
         check_deterministic: bool = True,
-        seed: int = 2147483647,
+        seed: int = DEFAULT_MC_SEED,
         mc_samples: int = 1,
         num_data: int | None = None,
         batch_size_fn: Callable | None = None,
@@ -422,6 +528,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     ):
         """Set up the operator (see the class docstring for the arguments)."""
         _check_positive_int("mc_samples", mc_samples)
+        make_fisher_loss(loss_func).check_sampling()
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int; got {seed!r}.")
         self._seed = seed

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from curvlinops_fisher.data import Batch, batches_equal
-from curvlinops_fisher.errors import NonDeterministicError
+from curvlinops_fisher.errors import NonDeterministicError, check_finite, naming_batch
 
 _FIX = (
     " Common causes: a DataLoader with shuffle=True or random augmentation, Dropout "
@@ -94,6 +94,8 @@ def check_deterministic(
                 )
         with torch.no_grad():
             out1, out2 = forward(first), forward(second)
+        with naming_batch(index):
+            check_finite(out1, "The model output")
         if out1.shape != out2.shape or not torch.allclose(out1, out2, rtol, atol):
             raise NonDeterministicError(
                 f"The model is not deterministic: two forward passes on batch {index} "

@@ -153,7 +153,7 @@ class Agreement:
     ``all_gather_object``; if any rank failed, every rank raises a
     :class:`~curvlinops_fisher.errors.DistributedError`. The block must not run
     collectives itself. Without a group (``None``) it does nothing: exceptions pass
-    through unchanged and :meth:`combine_num_data` returns the local value.
+    through unchanged and :meth:`combine_scans` returns the local values.
 
     Args:
         group: The process group, or ``None``.
@@ -193,16 +193,22 @@ class Agreement:
         self._shared = [value for _, value in gathered]
         return False
 
-    def combine_num_data(self, num_data: int | None) -> Any:
-        """The global number of data points from the shared local values.
+    def combine_scans(self, num_data: int | None) -> tuple[Any, float, bool]:
+        """Combine the ranks' data scans into the whole data set's.
+
+        Every rank shared ``(count, divisor, needed)``: its number of data points
+        (``num_data`` itself if given), the summed ``mean`` divisor of its targets
+        and whether its targets need the data set's divisor
+        (:meth:`~curvlinops_fisher.losses.FisherLoss.count_targets`).
 
         Args:
-            num_data: The ``num_data`` argument. ``None``: every rank shared the
-                number of data points of its shard, and these are summed. Else every
-                rank shared ``num_data`` (the global count), which must agree.
+            num_data: The ``num_data`` argument. ``None``: the ranks' counts are
+                summed. Else every rank shared ``num_data`` (the global count), which
+                must agree.
 
         Returns:
-            The global number of data points (the local value without a group).
+            The global number of data points, the summed divisor and the OR of the
+            flags (the local values without a group).
 
         Raises:
             DataError: If every shard is empty.
@@ -210,21 +216,24 @@ class Agreement:
         """
         if self.group is None:
             return self._shared[0]
+        counts = [count for count, _, _ in self._shared]
+        divisor = sum(divisor for _, divisor, _ in self._shared)
+        needed = any(needed for _, _, needed in self._shared)
         if num_data is None:
-            total = sum(self._shared)
+            total = sum(counts)
             if total == 0:
                 raise DataError(
                     "data is empty on every rank of the process group: pass at least "
                     "one batch (X, y) on some rank."
                 )
-            return total
-        if any(value != num_data for value in self._shared):
+            return total, divisor, needed
+        if any(value != num_data for value in counts):
             raise DistributedError(
-                f"The ranks passed different num_data {self._shared}; num_data is the "
+                f"The ranks passed different num_data {counts}; num_data is the "
                 "number of data points of the whole data set, the same on every rank "
                 "(or None to count them)."
             )
-        return num_data
+        return num_data, divisor, needed
 
 
 # ------------------------------------------------------------ sums of parts

@@ -5,6 +5,13 @@ exception that peers (curvlinops, PyTorch) raise in the same situation, so code 
 catches ``ValueError`` or ``NotImplementedError`` keeps working after switching.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
 
 class UnsupportedLossError(NotImplementedError, ValueError):
     """The loss function, its reduction or one of its options is not supported."""
@@ -53,6 +60,45 @@ class FactorMemoryError(MemoryError, ValueError):
         )
 
 
+class NonFiniteError(FloatingPointError, ValueError):
+    """A model output or a batch's contribution to a product holds NaN or Inf.
+
+    Raised by the operators with the (0-based) index of the batch in data order.
+    """
+
+
+def check_finite(tensors: Iterable[torch.Tensor] | torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` if any entry of ``tensors`` is NaN or Inf.
+
+    Args:
+        tensors: A tensor or tensors (one device synchronisation in all).
+        what: What they are, for the message (e.g. ``"the model output"``).
+    """
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    if not tensors:
+        return
+    bad = int(sum((~torch.isfinite(t)).sum() for t in tensors))
+    if bad == 0:
+        return
+    total = sum(t.numel() for t in tensors)
+    raise NonFiniteError(
+        f"{what} has {bad} NaN or Inf entries (of {total}). Check the model and "
+        "its inputs for overflow (large inputs or weights, float16 ranges) or "
+        "NaNs; in low precision, convert the model to float32 or float64."
+    )
+
+
+@contextmanager
+def naming_batch(index: int) -> Iterator[None]:
+    """Prefix a :class:`NonFiniteError` raised inside with ``Batch {index}``."""
+    try:
+        yield
+    except NonFiniteError as error:
+        raise NonFiniteError(
+            f"Batch {index} (0-based, in data order): {error}"
+        ) from None
+
+
 class DistributedError(RuntimeError):
     """An operator's collective call failed on some rank, or the group is unusable.
 
@@ -69,7 +115,7 @@ class DistributedError(RuntimeError):
         self.failures = dict(failures or {})
 
     @classmethod
-    def from_failures(cls, what: str, failures: dict[int, str]) -> "DistributedError":
+    def from_failures(cls, what: str, failures: dict[int, str]) -> DistributedError:
         """The error for ``failures`` (rank -> report) while doing ``what``."""
         lines = "\n".join(
             f"  rank {rank}: {report}" for rank, report in failures.items()

@@ -3,22 +3,34 @@ r"""Randomized estimators of the trace, diagonal and Frobenius norm of an operat
 Every estimator only multiplies the operator :math:`\mathbf{A} \in \mathbb{R}^{P
 \times P}` (:math:`P_\text{out} \times P_\text{in}` for the Frobenius norm) onto random
 probe vectors. It spends a budget of ``num_matvecs`` products, i.e. columns of
-``op @ X``, and never more; each docstring states the exact count.
+``A @ X``, and never more; each docstring states the exact count.
 
-All probes of one stage are drawn at once and multiplied in *one* call ``op @ X`` with
+All probes of one stage are drawn at once and multiplied in *one* call ``A @ X`` with
 many columns, because the columns of a curvature operator's product share one pass over
 the data. The keyword ``max_block`` caps the columns per call (to bound memory): the
 probes are still drawn at once, so the result does not depend on ``max_block`` (up to
 floating-point rounding).
 
-Randomness comes only from ``generator`` (a ``torch.Generator``). If it is ``None``, a
-fresh CPU generator is seeded from PyTorch's global random number generator (one
-``torch.randint`` draw), so results follow ``torch.manual_seed``. Probes are drawn on the
-generator's device and then moved to the operator's device, so a CPU generator gives the
-same probes for operators on any device.
+Randomness comes only from ``generator`` (a ``torch.Generator``; probes are drawn on
+its device, then moved to the operator's device, so a CPU generator gives the same
+probes for operators on any device). With ``generator=None``, every call draws fresh
+probes from PyTorch's global random number generator on the operator's device, so
+results follow ``torch.manual_seed``; the probes are then drawn exactly as curvlinops
+3.0.1 draws them (one vector at a time), so under the same seed both libraries use the
+same probes.
+
+Call forms of curvlinops 3.0.1 are accepted as well: the operator ``A`` may be a plain
+tensor (square, or rectangular for :func:`hutchinson_squared_fro`), and the probe
+distribution is chosen with ``distribution="rademacher"`` (random signs),
+``"normal"`` (standard Gaussian) or ``"sphere"`` (Gaussian directions scaled to norm
+:math:`\sqrt{P}`), also given positionally in place of ``generator`` as in
+``hutchinson_trace(A, 10, "normal")``. All three satisfy
+:math:`\mathbb{E}[\boldsymbol\omega \boldsymbol\omega^\top] = \mathbf{I}`, so every
+estimator stays unbiased. The default is ``"rademacher"``, except for :func:`xtrace`
+(``"sphere"``).
 
 The estimators are for real-valued operators. Their results are tensors on
-``op.device`` with ``op.dtype``.
+``A.device`` with ``A.dtype``.
 
 References:
     - Hutchinson, M. F. (1989). A stochastic estimator of the trace of the influence
@@ -52,8 +64,13 @@ __all__ = [
     "xtrace",
 ]
 
-#: Probe distributions: random signs, or Gaussian directions scaled to norm ``sqrt(P)``.
-Distribution = Literal["rademacher", "sphere"]
+#: Probe distributions: random signs, standard Gaussian entries, or Gaussian directions
+#: scaled to norm ``sqrt(P)``.
+Distribution = Literal["rademacher", "normal", "sphere"]
+DISTRIBUTIONS = ("rademacher", "normal", "sphere")
+
+#: What the estimators accept as operator: a linear operator or a plain matrix.
+Operator = PyTorchLinearOperator | Tensor
 
 
 # Argument checks
@@ -119,46 +136,49 @@ def _check_max_block(name: str, max_block: object) -> int | None:
     return int(max_block)
 
 
-def _check_operator(name: str, op: object, square: bool) -> None:
-    """Check that ``op`` is a linear operator, square if required.
+def _check_operator(name: str, A: object, square: bool) -> None:
+    """Check that ``A`` is a linear operator or a matrix, square if required.
 
     Args:
         name: The estimator's name, for error messages.
-        op: The operator to check.
+        A: The operator to check: a ``PyTorchLinearOperator`` or a 2-D floating-point
+            tensor.
         square: Whether the operator must be square.
 
     Raises:
-        TypeError: If ``op`` is not a ``PyTorchLinearOperator``.
-        ValueError: If ``square`` and ``op`` is not square.
+        TypeError: If ``A`` is neither a ``PyTorchLinearOperator`` nor a tensor.
+        ValueError: If ``A`` is a tensor that is not a floating-point matrix, or if
+            ``square`` and ``A`` is not square.
     """
-    if not isinstance(op, PyTorchLinearOperator):
+    if isinstance(A, Tensor):
+        if A.ndim != 2 or not A.is_floating_point():
+            raise ValueError(
+                f"{name}: a tensor A must be a floating-point matrix; got shape "
+                f"{tuple(A.shape)} and dtype {A.dtype}."
+            )
+    elif not isinstance(A, PyTorchLinearOperator):
         raise TypeError(
-            f"{name}: op must be a PyTorchLinearOperator; got {type(op).__name__}."
+            f"{name}: A must be a PyTorchLinearOperator or a 2-D tensor; got "
+            f"{type(A).__name__}."
         )
-    if square and op.shape[0] != op.shape[1]:
-        raise ValueError(
-            f"{name} needs a square operator; got shape {tuple(op.shape)}."
-        )
+    if square and A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} needs a square operator; got shape {tuple(A.shape)}.")
 
 
-def _resolve_generator(name: str, generator: object) -> torch.Generator:
-    """Return the generator to draw probes from.
+def _check_generator(name: str, generator: object) -> torch.Generator | None:
+    """Check that ``generator`` is ``None`` or a ``torch.Generator``.
 
     Args:
         name: The estimator's name, for error messages.
-        generator: A ``torch.Generator``, or ``None`` for a fresh CPU generator seeded
-            with one ``torch.randint`` draw from the global random number generator.
+        generator: The object to check.
 
     Returns:
-        The generator.
+        ``generator``.
 
     Raises:
         TypeError: If ``generator`` is neither ``None`` nor a ``torch.Generator``.
     """
-    if generator is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        return torch.Generator().manual_seed(seed)
-    if not isinstance(generator, torch.Generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"{name}: generator must be a torch.Generator or None; got "
             f"{type(generator).__name__}."
@@ -166,88 +186,157 @@ def _resolve_generator(name: str, generator: object) -> torch.Generator:
     return generator
 
 
+def _resolve_generator(name: str, generator: object) -> torch.Generator:
+    """Return a generator to draw from, creating one if ``generator`` is ``None``.
+
+    Args:
+        name: The caller's name, for error messages.
+        generator: A ``torch.Generator``, or ``None`` for a fresh CPU generator seeded
+            with one ``torch.randint`` draw from the global random number generator.
+
+    Returns:
+        The generator.
+    """
+    if _check_generator(name, generator) is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return torch.Generator().manual_seed(seed)
+    return generator
+
+
+def _check_sampling(
+    name: str, generator: object, distribution: object, default: Distribution
+) -> tuple[torch.Generator | None, Distribution]:
+    """Check the source and distribution of the probes.
+
+    Args:
+        name: The estimator's name, for error messages.
+        generator: A ``torch.Generator``, ``None`` (PyTorch's global generator), or a
+            distribution's name (curvlinops' positional form ``f(A, num_matvecs,
+            distribution)``).
+        distribution: ``"rademacher"``, ``"normal"``, ``"sphere"``, or ``None`` for
+            ``default``.
+        default: The estimator's default distribution.
+
+    Returns:
+        The generator (or ``None``) and the distribution.
+
+    Raises:
+        TypeError: If ``generator`` is of the wrong type, or the distribution is given
+            twice.
+        ValueError: If the distribution is unknown.
+    """
+    if isinstance(generator, str):
+        if distribution is not None:
+            raise TypeError(
+                f"{name}: the distribution is given twice ({generator!r} in place of "
+                f"generator, and distribution={distribution!r})."
+            )
+        generator, distribution = None, generator
+    if distribution is None:
+        distribution = default
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"{name}: distribution must be one of {', '.join(map(repr, DISTRIBUTIONS))}"
+            f"; got {distribution!r}."
+        )
+    return _check_generator(name, generator), distribution
+
+
 def _prepare(
     name: str,
-    op: object,
+    A: object,
     num_matvecs: object,
     generator: object,
+    distribution: object,
     max_block: object,
     square: bool = True,
     minimum: int = 1,
     even: bool = False,
-) -> tuple[int, torch.Generator, int | None]:
+    default: Distribution = "rademacher",
+) -> tuple[int, torch.Generator | None, Distribution, int | None]:
     """Check an estimator's arguments (before any random number is drawn).
 
     Args:
         name: The estimator's name, for error messages.
-        op: The operator.
+        A: The operator.
         num_matvecs: The budget of products.
-        generator: The generator or ``None``.
+        generator: The generator, ``None``, or a distribution's name.
+        distribution: The probe distribution or ``None`` for ``default``.
         max_block: The cap on columns per operator call, or ``None``.
         square: Whether the operator must be square.
         minimum: The smallest allowed budget.
         even: Whether the budget must be even.
+        default: The estimator's default distribution.
 
     Returns:
-        The budget, the generator to use, and ``max_block``.
+        The budget, the generator (``None``: the global one), the distribution, and
+        ``max_block``.
     """
-    _check_operator(name, op, square)
+    _check_operator(name, A, square)
     num_matvecs = _check_num_matvecs(name, num_matvecs, minimum=minimum, even=even)
     max_block = _check_max_block(name, max_block)
-    return num_matvecs, _resolve_generator(name, generator), max_block
+    generator, distribution = _check_sampling(name, generator, distribution, default)
+    return num_matvecs, generator, distribution, max_block
 
 
 # Probes and products
 
 
 def _draw_probes(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_probes: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     distribution: Distribution,
 ) -> Tensor:
-    r"""Draw a block of probe vectors for the operator's input space.
+    r"""Draw a block of probe vectors for the operator's input space, one at a time.
+
+    Each probe is drawn like curvlinops 3.0.1's ``random_vector``, so with
+    ``generator=None`` both libraries draw the same probes from the global generator.
 
     Args:
-        op: The operator (its input dimension :math:`P`, dtype and device are used).
-        num_probes: The number of probes :math:`K`.
+        A: The operator (its input dimension :math:`P`, dtype and device are used).
+        num_probes: The number of probes :math:`K \ge 1`.
         generator: The generator; the probes are drawn on its device, then moved.
+            ``None``: PyTorch's global generator, on ``A.device``.
         distribution: ``"rademacher"``: independent signs :math:`\pm 1`;
-            ``"sphere"``: uniform on the sphere of radius :math:`\sqrt{P}`. Both have
+            ``"normal"``: independent standard normal entries; ``"sphere"``: uniform
+            on the sphere of radius :math:`\sqrt{P}`. All have
             :math:`\mathbb{E}[\boldsymbol\omega \boldsymbol\omega^\top] = \mathbf{I}`.
 
     Returns:
-        The probes as columns of a ``[P, K]`` matrix on ``op.device``.
+        The probes as columns of a ``[P, K]`` matrix on ``A.device``.
     """
-    dim = op.shape[1]
-    kwargs = {"generator": generator, "device": generator.device, "dtype": op.dtype}
-    if distribution == "rademacher":
-        probes = 2 * torch.randint(0, 2, (dim, num_probes), **kwargs) - 1
-    else:
-        probes = torch.randn(dim, num_probes, **kwargs)
-        probes = probes * (math.sqrt(dim) / probes.norm(dim=0))
-    return probes.to(op.device)
+    dim = A.shape[1]
+    device = A.device if generator is None else generator.device
+    kwargs = {"device": device, "dtype": A.dtype}
+
+    def draw() -> Tensor:
+        if distribution == "rademacher":
+            v = torch.empty(dim, **kwargs).bernoulli_(0.5, generator=generator)
+            return v.mul_(2).sub_(1)
+        v = torch.randn(dim, generator=generator, **kwargs)
+        return v * (math.sqrt(dim) / v.norm()) if distribution == "sphere" else v
+
+    return torch.stack([draw() for _ in range(num_probes)], dim=1).to(A.device)
 
 
-def _apply_blockwise(
-    op: PyTorchLinearOperator, X: Tensor, max_block: int | None
-) -> Tensor:
+def _apply_blockwise(A: Operator, X: Tensor, max_block: int | None) -> Tensor:
     """Multiply the operator onto the columns of ``X``, at most ``max_block`` at a time.
 
     Args:
-        op: The operator.
+        A: The operator.
         X: Matrix of shape ``[P_in, K]``.
-        max_block: The most columns per call ``op @ X``; ``None`` for one call.
+        max_block: The most columns per call ``A @ X``; ``None`` for one call.
 
     Returns:
-        ``op @ X`` of shape ``[P_out, K]`` (no call at all if ``K = 0``).
+        ``A @ X`` of shape ``[P_out, K]`` (no call at all if ``K = 0``).
     """
     num_cols = X.shape[1]
     if num_cols == 0:
-        return X.new_zeros(op.shape[0], 0)
+        return X.new_zeros(A.shape[0], 0)
     if max_block is None or max_block >= num_cols:
-        return op @ X
-    return torch.cat([op @ block for block in X.split(max_block, dim=1)], dim=1)
+        return A @ X
+    return torch.cat([A @ block for block in X.split(max_block, dim=1)], dim=1)
 
 
 def _mean_quadratic_form(V: Tensor, AV: Tensor) -> Tensor:
@@ -297,9 +386,9 @@ class _Sketch:
 
 
 def _sketch(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_probes: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     distribution: Distribution,
     max_block: int | None,
 ) -> _Sketch:
@@ -322,20 +411,20 @@ def _sketch(
     :math:`\varepsilon` of the dtype).
 
     Args:
-        op: The square operator.
+        A: The square operator.
         num_probes: The number of probes :math:`m`.
         generator: The generator.
         distribution: The probe distribution.
-        max_block: The most columns per call ``op @ X``.
+        max_block: The most columns per call ``A @ X``.
 
     Returns:
         The sketch; it costs :math:`m` products.
     """
-    probes = _draw_probes(op, num_probes, generator, distribution)
-    products = _apply_blockwise(op, probes, max_block)
+    probes = _draw_probes(A, num_probes, generator, distribution)
+    products = _apply_blockwise(A, probes, max_block)
     Q0, R = torch.linalg.qr(products)
     U, sigma, Vh = torch.linalg.svd(R, full_matrices=False)
-    dim, eps = op.shape[0], torch.finfo(products.dtype).eps
+    dim, eps = A.shape[0], torch.finfo(products.dtype).eps
     rank = int((sigma > max(dim, num_probes) * eps * sigma[0]).sum())
     U, sigma, Vh = U[:, :rank], sigma[:rank], Vh[:rank]
     essential = (Vh.square().sum(0) > 1 - math.sqrt(eps)) & (rank < dim)
@@ -367,10 +456,11 @@ def _downdate(S: Tensor, X: Tensor) -> Tensor:
 
 
 def hutchinson_trace(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_matvecs: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | str | None = None,
     *,
+    distribution: Distribution | None = None,
     max_block: int | None = None,
 ) -> Tensor:
     r"""Estimate the trace with Hutchinson's method (Rademacher probes).
@@ -383,33 +473,37 @@ def hutchinson_trace(
     Unbiased, with variance :math:`\frac{2}{K} \sum_{i \ne j} A_{ij}^2` for symmetric
     :math:`\mathbf{A}`; exact for diagonal :math:`\mathbf{A}`.
 
-    Products: exactly ``num_matvecs`` columns, in one call ``op @ V``.
+    Products: exactly ``num_matvecs`` columns, in one call ``A @ V``.
 
     Args:
-        op: A square linear operator of shape ``(P, P)``.
+        A: A square linear operator of shape ``(P, P)``.
         num_matvecs: The number of probes :math:`K \ge 1`.
-        generator: Source of the probes. ``None``: a fresh CPU generator seeded from
-            PyTorch's global RNG (results follow ``torch.manual_seed``).
-        max_block: The most columns per call ``op @ X``. ``None``: all at once.
+        generator: Source of the probes. ``None``: PyTorch's global generator (fresh
+            probes on every call; results follow ``torch.manual_seed``). A
+            distribution's name here is curvlinops' positional ``distribution``.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` (see the module
+            docstring). ``None``: ``"rademacher"``.
+        max_block: The most columns per call ``A @ X``. ``None``: all at once.
 
     Returns:
-        The estimate, a scalar tensor on ``op.device`` with ``op.dtype``.
+        The estimate, a scalar tensor on ``A.device`` with ``A.dtype``.
 
     Raises:
-        ValueError: If ``op`` is not square or ``num_matvecs`` is not a positive int.
+        ValueError: If ``A`` is not square or ``num_matvecs`` is not a positive int.
     """
-    num_matvecs, generator, max_block = _prepare(
-        "hutchinson_trace", op, num_matvecs, generator, max_block
+    num_matvecs, generator, distribution, max_block = _prepare(
+        "hutchinson_trace", A, num_matvecs, generator, distribution, max_block
     )
-    V = _draw_probes(op, num_matvecs, generator, "rademacher")
-    return _mean_quadratic_form(V, _apply_blockwise(op, V, max_block))
+    V = _draw_probes(A, num_matvecs, generator, distribution)
+    return _mean_quadratic_form(V, _apply_blockwise(A, V, max_block))
 
 
 def hutchpp_trace(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_matvecs: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | str | None = None,
     *,
+    distribution: Distribution | None = None,
     max_block: int | None = None,
 ) -> Tensor:
     r"""Estimate the trace with Hutch++ (Meyer et al., 2021).
@@ -435,69 +529,77 @@ def hutchpp_trace(
     orthogonal matrix.
 
     Products: :math:`s + \min(s, P) + g \le` ``num_matvecs`` columns (exactly
-    ``num_matvecs`` if :math:`s \le P`), in two calls: ``op @ S``, then
-    ``op @ [Q, G~]``.
+    ``num_matvecs`` if :math:`s \le P`), in two calls: ``A @ S``, then
+    ``A @ [Q, G~]``.
 
     Args:
-        op: A square linear operator of shape ``(P, P)``.
+        A: A square linear operator of shape ``(P, P)``.
         num_matvecs: The budget :math:`K \ge 3`.
-        generator: Source of the probes. ``None``: a fresh CPU generator seeded from
-            PyTorch's global RNG (results follow ``torch.manual_seed``).
-        max_block: The most columns per call ``op @ X``. ``None``: all of a stage at
+        generator: Source of the probes. ``None``: PyTorch's global generator (fresh
+            probes on every call; results follow ``torch.manual_seed``). A
+            distribution's name here is curvlinops' positional ``distribution``.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` (see the module
+            docstring). ``None``: ``"rademacher"``.
+        max_block: The most columns per call ``A @ X``. ``None``: all of a stage at
             once.
 
     Returns:
-        The estimate, a scalar tensor on ``op.device`` with ``op.dtype``.
+        The estimate, a scalar tensor on ``A.device`` with ``A.dtype``.
 
     Raises:
-        ValueError: If ``op`` is not square or ``num_matvecs`` is not an int
+        ValueError: If ``A`` is not square or ``num_matvecs`` is not an int
             :math:`\ge 3`.
     """
-    num_matvecs, generator, max_block = _prepare(
-        "hutchpp_trace", op, num_matvecs, generator, max_block, minimum=3
+    num_matvecs, generator, distribution, max_block = _prepare(
+        "hutchpp_trace", A, num_matvecs, generator, distribution, max_block, minimum=3
     )
     num_sketch = num_matvecs // 3
     num_hutch = num_matvecs - 2 * num_sketch
-    S, G = _draw_probes(op, num_sketch + num_hutch, generator, "rademacher").split(
+    S, G = _draw_probes(A, num_sketch + num_hutch, generator, distribution).split(
         [num_sketch, num_hutch], dim=1
     )
-    Q, _ = torch.linalg.qr(_apply_blockwise(op, S, max_block))
+    Q, _ = torch.linalg.qr(_apply_blockwise(A, S, max_block))
     G_deflated = G - Q @ (Q.T @ G)
-    AQ, AG = _apply_blockwise(op, torch.cat([Q, G_deflated], dim=1), max_block).split(
+    AQ, AG = _apply_blockwise(A, torch.cat([Q, G_deflated], dim=1), max_block).split(
         [Q.shape[1], num_hutch], dim=1
     )
     return (Q * AQ).sum() + _mean_quadratic_form(G_deflated, AG)
 
 
 def xtrace(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_matvecs: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | str | None = None,
     *,
+    distribution: Distribution | None = None,
     max_block: int | None = None,
 ) -> Tensor:
     r"""Estimate the trace with XTrace (Epperly, Tropp & Webber, 2024).
 
     XTrace is the exchangeable version of Hutch++: every one of the
-    :math:`m = K / 2` probes :math:`\boldsymbol\omega_i` (uniform on the sphere of
-    radius :math:`\sqrt{P}`) serves both in the sketch :math:`\mathbf{Y} =
+    :math:`m = K / 2` probes :math:`\boldsymbol\omega_i` (by default uniform on the
+    sphere of radius :math:`\sqrt{P}`) serves both in the sketch :math:`\mathbf{Y} =
     \mathbf{A}\boldsymbol\Omega` and as a Hutchinson probe. With
     :math:`\mathbf{Q}_{(i)}` an orthonormal basis of :math:`\mathbf{Y}` without column
     :math:`i` (dimension :math:`d_i`, generically :math:`\min(m - 1, \operatorname{rank}
-    \mathbf{A})`) and the normalized deflated probe
+    \mathbf{A})`) and the deflated probe
     :math:`\mathbf{x}_i = (\mathbf{I} - \mathbf{Q}_{(i)} \mathbf{Q}_{(i)}^\top)
     \boldsymbol\omega_i`,
 
     .. math::
         \widehat{\operatorname{tr}}(\mathbf{A}) = \frac{1}{m} \sum_{i=1}^m \left[
         \operatorname{tr}(\mathbf{Q}_{(i)}^\top \mathbf{A} \mathbf{Q}_{(i)})
-        + \frac{P - d_i}{\|\mathbf{x}_i\|^2} \mathbf{x}_i^\top \mathbf{A} \mathbf{x}_i
-        \right].
+        + w_i\, \mathbf{x}_i^\top \mathbf{A} \mathbf{x}_i \right],
+        \qquad w_i = \frac{P - d_i}{\|\mathbf{x}_i\|^2}
+        \text{ for } \texttt{"sphere"}, \quad w_i = 1 \text{ otherwise}.
 
-    Unbiased: :math:`\mathbf{Q}_{(i)}` is independent of :math:`\boldsymbol\omega_i`,
-    whose direction is uniform, so :math:`\sqrt{P - d_i}\,\mathbf{x}_i /
+    Unbiased: :math:`\mathbf{Q}_{(i)}` is independent of :math:`\boldsymbol\omega_i`.
+    For ``"sphere"`` (the normalized variant of the paper), the direction of
+    :math:`\boldsymbol\omega_i` is uniform, so :math:`\sqrt{P - d_i}\,\mathbf{x}_i /
     \|\mathbf{x}_i\|` has second moment :math:`\mathbf{I} - \mathbf{Q}_{(i)}
-    \mathbf{Q}_{(i)}^\top`.
+    \mathbf{Q}_{(i)}^\top`; for ``"rademacher"`` and ``"normal"`` (curvlinops' form),
+    :math:`\mathbb{E}[\boldsymbol\omega_i \boldsymbol\omega_i^\top] = \mathbf{I}`
+    gives the same second moment for :math:`\mathbf{x}_i` itself.
 
     Efficient formulation (the paper's algorithm): one QR decomposition of
     :math:`\mathbf{Y}` gives :math:`\mathbf{Q}`, and every leave-one-out basis is the
@@ -528,35 +630,48 @@ def xtrace(
 
     Products: :math:`m + k \le` ``num_matvecs`` columns with
     :math:`k = \operatorname{rank}(\mathbf{A}\boldsymbol\Omega) \le \min(m, P)`, in two
-    calls: ``op @ Omega``, then ``op @ Q``.
+    calls: ``A @ Omega``, then ``A @ Q``.
 
     Args:
-        op: A square linear operator of shape ``(P, P)``.
+        A: A square linear operator of shape ``(P, P)``.
         num_matvecs: The budget :math:`K`, even and :math:`\ge 2`.
-        generator: Source of the probes. ``None``: a fresh CPU generator seeded from
-            PyTorch's global RNG (results follow ``torch.manual_seed``).
-        max_block: The most columns per call ``op @ X``. ``None``: all of a stage at
+        generator: Source of the probes. ``None``: PyTorch's global generator (fresh
+            probes on every call; results follow ``torch.manual_seed``). A
+            distribution's name here is curvlinops' positional ``distribution``.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` (see the module
+            docstring). ``None``: ``"sphere"``.
+        max_block: The most columns per call ``A @ X``. ``None``: all of a stage at
             once.
 
     Returns:
-        The estimate, a scalar tensor on ``op.device`` with ``op.dtype``.
+        The estimate, a scalar tensor on ``A.device`` with ``A.dtype``.
 
     Raises:
-        ValueError: If ``op`` is not square or ``num_matvecs`` is not an even int
+        ValueError: If ``A`` is not square or ``num_matvecs`` is not an even int
             :math:`\ge 2`.
     """
-    num_matvecs, generator, max_block = _prepare(
-        "xtrace", op, num_matvecs, generator, max_block, minimum=2, even=True
+    num_matvecs, generator, distribution, max_block = _prepare(
+        "xtrace",
+        A,
+        num_matvecs,
+        generator,
+        distribution,
+        max_block,
+        minimum=2,
+        even=True,
+        default="sphere",
     )
-    sk = _sketch(op, num_matvecs // 2, generator, "sphere", max_block)
+    sk = _sketch(A, num_matvecs // 2, generator, distribution, max_block)
     Q, S = sk.basis, sk.downdates
-    AQ = _apply_blockwise(op, Q, max_block)
+    AQ = _apply_blockwise(A, Q, max_block)
     H = Q.T @ AQ
     U = _downdate(S, Q.T @ sk.probes)
     X = sk.probes - Q @ U
     AX = sk.products - AQ @ U
-    norms = X.square().sum(0).clamp_min(torch.finfo(X.dtype).tiny)
-    weights = (op.shape[0] - sk.dims) / norms
+    weights = 1.0
+    if distribution == "sphere":
+        norms = X.square().sum(0).clamp_min(torch.finfo(X.dtype).tiny)
+        weights = (A.shape[0] - sk.dims) / norms
     estimates = H.trace() - (S * (H @ S)).sum(0) + weights * (X * AX).sum(0)
     return estimates.mean()
 
@@ -565,10 +680,11 @@ def xtrace(
 
 
 def hutchinson_diag(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_matvecs: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | str | None = None,
     *,
+    distribution: Distribution | None = None,
     max_block: int | None = None,
 ) -> Tensor:
     r"""Estimate the diagonal with Hutchinson's method (Rademacher probes).
@@ -582,39 +698,43 @@ def hutchinson_diag(
     :math:`\frac{1}{K} \sum_{q \ne p} A_{pq}^2`, so it is exact for diagonal
     :math:`\mathbf{A}`.
 
-    Products: exactly ``num_matvecs`` columns, in one call ``op @ V``.
+    Products: exactly ``num_matvecs`` columns, in one call ``A @ V``.
 
     Args:
-        op: A square linear operator of shape ``(P, P)``.
+        A: A square linear operator of shape ``(P, P)``.
         num_matvecs: The number of probes :math:`K \ge 1`.
-        generator: Source of the probes. ``None``: a fresh CPU generator seeded from
-            PyTorch's global RNG (results follow ``torch.manual_seed``).
-        max_block: The most columns per call ``op @ X``. ``None``: all at once.
+        generator: Source of the probes. ``None``: PyTorch's global generator (fresh
+            probes on every call; results follow ``torch.manual_seed``). A
+            distribution's name here is curvlinops' positional ``distribution``.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` (see the module
+            docstring). ``None``: ``"rademacher"``.
+        max_block: The most columns per call ``A @ X``. ``None``: all at once.
 
     Returns:
-        The estimate, a ``[P]`` tensor on ``op.device`` with ``op.dtype``.
+        The estimate, a ``[P]`` tensor on ``A.device`` with ``A.dtype``.
 
     Raises:
-        ValueError: If ``op`` is not square or ``num_matvecs`` is not a positive int.
+        ValueError: If ``A`` is not square or ``num_matvecs`` is not a positive int.
     """
-    num_matvecs, generator, max_block = _prepare(
-        "hutchinson_diag", op, num_matvecs, generator, max_block
+    num_matvecs, generator, distribution, max_block = _prepare(
+        "hutchinson_diag", A, num_matvecs, generator, distribution, max_block
     )
-    V = _draw_probes(op, num_matvecs, generator, "rademacher")
-    return (V * _apply_blockwise(op, V, max_block)).mean(dim=1)
+    V = _draw_probes(A, num_matvecs, generator, distribution)
+    return (V * _apply_blockwise(A, V, max_block)).mean(dim=1)
 
 
 def xdiag(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_matvecs: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | str | None = None,
     *,
+    distribution: Distribution | None = None,
     max_block: int | None = None,
 ) -> Tensor:
     r"""Estimate the diagonal with XDiag (Epperly, Tropp & Webber, 2024).
 
-    The exchangeable diagonal estimator: each of the :math:`m = K / 2` Rademacher probes
-    :math:`\boldsymbol\omega_i` serves both in the sketch :math:`\mathbf{Y} =
+    The exchangeable diagonal estimator: each of the :math:`m = K / 2` probes
+    :math:`\boldsymbol\omega_i` (by default Rademacher) serves both in the sketch :math:`\mathbf{Y} =
     \mathbf{A}\boldsymbol\Omega` and as a Hutchinson probe for the part outside the
     leave-one-out basis :math:`\mathbf{Q}_{(i)}` (orthonormal basis of :math:`\mathbf{Y}`
     without column :math:`i`):
@@ -648,30 +768,40 @@ def xdiag(
 
     Products: :math:`m + k \le` ``num_matvecs`` columns with
     :math:`k = \operatorname{rank}(\mathbf{A}\boldsymbol\Omega) \le \min(m, P)`, in two
-    calls: ``op @ Omega``, then ``op.adjoint() @ Q`` (the operator itself if it is
+    calls: ``A @ Omega``, then ``A.adjoint() @ Q`` (the operator itself if it is
     self-adjoint, like all curvature operators).
 
     Args:
-        op: A square linear operator of shape ``(P, P)``.
+        A: A square linear operator of shape ``(P, P)``.
         num_matvecs: The budget :math:`K`, even and :math:`\ge 2`.
-        generator: Source of the probes. ``None``: a fresh CPU generator seeded from
-            PyTorch's global RNG (results follow ``torch.manual_seed``).
-        max_block: The most columns per call ``op @ X``. ``None``: all of a stage at
+        generator: Source of the probes. ``None``: PyTorch's global generator (fresh
+            probes on every call; results follow ``torch.manual_seed``). A
+            distribution's name here is curvlinops' positional ``distribution``.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` (see the module
+            docstring). ``None``: ``"rademacher"``.
+        max_block: The most columns per call ``A @ X``. ``None``: all of a stage at
             once.
 
     Returns:
-        The estimate, a ``[P]`` tensor on ``op.device`` with ``op.dtype``.
+        The estimate, a ``[P]`` tensor on ``A.device`` with ``A.dtype``.
 
     Raises:
-        ValueError: If ``op`` is not square or ``num_matvecs`` is not an even int
+        ValueError: If ``A`` is not square or ``num_matvecs`` is not an even int
             :math:`\ge 2`.
     """
-    num_matvecs, generator, max_block = _prepare(
-        "xdiag", op, num_matvecs, generator, max_block, minimum=2, even=True
+    num_matvecs, generator, distribution, max_block = _prepare(
+        "xdiag",
+        A,
+        num_matvecs,
+        generator,
+        distribution,
+        max_block,
+        minimum=2,
+        even=True,
     )
-    sk = _sketch(op, num_matvecs // 2, generator, "rademacher", max_block)
+    sk = _sketch(A, num_matvecs // 2, generator, distribution, max_block)
     Q, S = sk.basis, sk.downdates
-    Z = _apply_blockwise(op.adjoint(), Q, max_block)
+    Z = _apply_blockwise(A.adjoint(), Q, max_block)
     residual = sk.products - Q @ _downdate(S, sk.coords)
     leave_one_out = (Q @ S) * (Z @ S)
     return (Q * Z).sum(1) + (sk.probes * residual - leave_one_out).mean(dim=1)
@@ -681,10 +811,11 @@ def xdiag(
 
 
 def hutchinson_squared_fro(
-    op: PyTorchLinearOperator,
+    A: Operator,
     num_matvecs: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | str | None = None,
     *,
+    distribution: Distribution | None = None,
     max_block: int | None = None,
 ) -> Tensor:
     r"""Estimate the squared Frobenius norm with Hutchinson's method.
@@ -697,23 +828,32 @@ def hutchinson_squared_fro(
     i.e. Hutchinson's estimator of :math:`\operatorname{tr}(\mathbf{A}^\top\mathbf{A})
     = \|\mathbf{A}\|_F^2`. Unbiased, also for non-square operators.
 
-    Products: exactly ``num_matvecs`` columns, in one call ``op @ V``.
+    Products: exactly ``num_matvecs`` columns, in one call ``A @ V``.
 
     Args:
-        op: A linear operator of shape ``(P_out, P_in)``.
+        A: A linear operator of shape ``(P_out, P_in)``.
         num_matvecs: The number of probes :math:`K \ge 1`.
-        generator: Source of the probes. ``None``: a fresh CPU generator seeded from
-            PyTorch's global RNG (results follow ``torch.manual_seed``).
-        max_block: The most columns per call ``op @ X``. ``None``: all at once.
+        generator: Source of the probes. ``None``: PyTorch's global generator (fresh
+            probes on every call; results follow ``torch.manual_seed``). A
+            distribution's name here is curvlinops' positional ``distribution``.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` (see the module
+            docstring). ``None``: ``"rademacher"``.
+        max_block: The most columns per call ``A @ X``. ``None``: all at once.
 
     Returns:
-        The estimate, a scalar tensor on ``op.device`` with ``op.dtype``.
+        The estimate, a scalar tensor on ``A.device`` with ``A.dtype``.
 
     Raises:
         ValueError: If ``num_matvecs`` is not a positive int.
     """
-    num_matvecs, generator, max_block = _prepare(
-        "hutchinson_squared_fro", op, num_matvecs, generator, max_block, square=False
+    num_matvecs, generator, distribution, max_block = _prepare(
+        "hutchinson_squared_fro",
+        A,
+        num_matvecs,
+        generator,
+        distribution,
+        max_block,
+        square=False,
     )
-    V = _draw_probes(op, num_matvecs, generator, "rademacher")
-    return _apply_blockwise(op, V, max_block).square().sum() / num_matvecs
+    V = _draw_probes(A, num_matvecs, generator, distribution)
+    return _apply_blockwise(A, V, max_block).square().sum() / num_matvecs

@@ -26,6 +26,7 @@ from math import sqrt
 
 from torch import Generator, Tensor, einsum
 
+from curvlinops_fisher.errors import check_finite
 from curvlinops_fisher.losses import FisherLoss
 
 
@@ -72,19 +73,26 @@ class LowRankOutputFactor(BatchOutputFactor):
 class OutputFactorKind(ABC):
     """Builds each batch's output-space factor for one curvature matrix."""
 
-    @abstractmethod
     def for_batch(
         self, loss: FisherLoss, output: Tensor, y: Tensor
     ) -> BatchOutputFactor:
-        """Factor for a batch's detached flattened output ``(T, C)`` and targets."""
+        """Factor for a batch's detached flattened output ``(T, C)`` and targets.
+
+        Raises:
+            NonFiniteError: If the output holds NaN or Inf.
+        """
+        check_finite(output, "The model output")
+        return self._build(loss, output, y)
+
+    @abstractmethod
+    def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
+        """Build the factor of a finite output (see :meth:`for_batch`)."""
 
 
 class GGNFactor(OutputFactorKind):
     r"""Generalized Gauss-Newton: :math:`\mathbf{B}_t\mathbf{B}_t^\top = \nabla^2_{\mathbf{f}_t}\ell`."""
 
-    def for_batch(
-        self, loss: FisherLoss, output: Tensor, y: Tensor
-    ) -> BatchOutputFactor:
+    def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
         """See :meth:`OutputFactorKind.for_batch`."""
         return HessianOutputFactor(loss, output, y)
 
@@ -92,9 +100,7 @@ class GGNFactor(OutputFactorKind):
 class EFFactor(OutputFactorKind):
     r"""Empirical Fisher: :math:`\mathbf{B}_t = \nabla_{\mathbf{f}_t}\ell(\mathbf{f}_t, \mathbf{y}_t)`."""
 
-    def for_batch(
-        self, loss: FisherLoss, output: Tensor, y: Tensor
-    ) -> BatchOutputFactor:
+    def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
         """See :meth:`OutputFactorKind.for_batch`."""
         return LowRankOutputFactor(loss.gradient(output, y).unsqueeze(-1))
 
@@ -116,9 +122,7 @@ class MCFisherFactor(OutputFactorKind):
         """Store the sample count and the generator (see class docstring)."""
         self.mc_samples, self.generator = mc_samples, generator
 
-    def for_batch(
-        self, loss: FisherLoss, output: Tensor, y: Tensor
-    ) -> BatchOutputFactor:
+    def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
         """See :meth:`OutputFactorKind.for_batch`."""
         G = loss.sample_gradients(output, y, self.mc_samples, self.generator)
         return LowRankOutputFactor(G.permute(1, 2, 0) / sqrt(self.mc_samples))

@@ -123,8 +123,8 @@ def empirical_fisher_trace(
         targets: The batch targets.
         num_samples: ``None`` for the exact trace, or the number ``k >= 1`` of
             Hutchinson probes.
-        generator: Source of the probes; ``None``: a generator seeded from PyTorch's
-            global one (results follow ``torch.manual_seed``). Unused when exact.
+        generator: Source of the probes; ``None``: PyTorch's global generator
+            (results follow ``torch.manual_seed``). Unused when exact.
 
     Returns:
         A scalar tensor with the parameters' dtype and device.

@@ -174,6 +174,10 @@ class PyTorchLinearOperator:
         SELF_ADJOINT: Whether :math:`\mathbf{A}^\top = \mathbf{A}` (then
             :meth:`adjoint` returns the operator itself). Default: ``False``.
         shape: ``(P_out, P_in)``.
+        _in_shape: The input space's shapes, a list of ``torch.Size`` (for the
+            curvature operators, the params' shapes). Kept under curvlinops' name for
+            compatibility, as are ``_out_shape`` and the flat sizes ``_in_shape_flat``
+            and ``_out_shape_flat`` (lists of ints).
     """
 
     SELF_ADJOINT: bool = False

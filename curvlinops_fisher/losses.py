@@ -13,12 +13,17 @@ what they need, always in terms of the **loss terms** of a batch:
   likelihood with a given ``torch.Generator``.
 
 The reduction scale :math:`c` of the whole data set's risk is applied by the callers
-(see :meth:`FisherLoss.batch_scale`).
+(see :meth:`FisherLoss.batch_scale`). Where PyTorch's ``mean`` divides by a quantity
+that depends on the targets (ignored targets, class weights of ``CrossEntropyLoss``),
+the operators compute that divisor once over the whole data set
+(:meth:`FisherLoss.data_normalizer`) and store it in :attr:`FisherLoss.normalizer`.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from math import sqrt
 
 import torch
@@ -41,6 +46,11 @@ class FisherLoss(ABC):
 
     Args:
         loss_func: The PyTorch loss module that is wrapped.
+
+    Attributes:
+        normalizer: The data set's ``mean`` divisor :math:`D` when it depends on the
+            targets (see :meth:`data_normalizer`); then every batch's scale is
+            :math:`1/D`. ``None``: the per-batch rule of :meth:`batch_scale`.
     """
 
     loss_type: type[Module]
@@ -55,6 +65,16 @@ class FisherLoss(ABC):
             )
         self.loss_func = loss_func
         self.reduction: str = reduction
+        self.normalizer: float | None = None
+        self._summed = copy.deepcopy(loss_func)
+        self._summed.reduction = "sum"
+
+    def summed_loss(self, output: Tensor, y: Tensor) -> Tensor:
+        """PyTorch's loss of a batch with ``reduction='sum'`` (all other options kept).
+
+        Weights of the loss are converted to the output's dtype and device first.
+        """
+        return self._summed.to(dtype=output.dtype, device=output.device)(output, y)
 
     # ----------------------------------------------------------------- layout
     @abstractmethod
@@ -111,24 +131,105 @@ class FisherLoss(ABC):
     def check_targets(self, output: Tensor, y: Tensor) -> None:
         """Raise :class:`TargetError` if ``y`` does not fit ``output`` and the loss."""
 
-    def mean_denominator(self, y: Tensor) -> int:
+    def mean_denominator(self, y: Tensor) -> float:
         """Return the number PyTorch's ``reduction='mean'`` divides the batch loss by.
 
-        For all supported losses (class-index targets for ``CrossEntropyLoss``,
-        output-shaped targets otherwise) this is the number of target entries.
+        For ``MSELoss`` and ``BCEWithLogitsLoss`` (also with ``weight``/``pos_weight``)
+        this is the number of target entries; ``CrossEntropyLoss`` overrides it.
         """
         return y.numel()
+
+    @property
+    def scans_targets(self) -> bool:
+        """Whether the operators must look at all targets once (:meth:`data_normalizer`)."""
+        return False
+
+    def uses_global_mean(self, y: Tensor) -> bool:
+        """Whether these targets make PyTorch's ``mean`` divisor target-dependent.
+
+        ``True`` for ``CrossEntropyLoss`` class-index targets with class weights or
+        with ignored entries; then the data set's divisor is computed once
+        (:meth:`data_normalizer`). ``False`` for every other loss and target.
+        """
+        return False
+
+    def data_normalizer(self, targets: Iterable[Tensor]) -> float | None:
+        r"""The data set's ``mean`` divisor, if it depends on the targets.
+
+        PyTorch's ``mean`` over the concatenated data set divides the summed loss by
+        :math:`D = \sum_b D_b` (:meth:`mean_denominator`: for ``CrossEntropyLoss``
+        the number of non-ignored terms, or the sum of their targets' class weights).
+        When any batch's targets need it (:meth:`uses_global_mean`) this returns
+        :math:`D`, to be stored in :attr:`normalizer`; otherwise ``None`` and the
+        per-batch rule of :meth:`batch_scale` applies (curvlinops' convention).
+
+        Args:
+            targets: The targets of every batch of the data set, in any order;
+                always consumed in full.
+
+        Returns:
+            :math:`D`, or ``None`` (also always for ``reduction='sum'``).
+
+        Raises:
+            TargetError: If :math:`D = 0` (every target ignored): PyTorch's loss is
+                ``nan`` then.
+        """
+        return self.normalizer_from_count(*self.count_targets(targets))
+
+    def count_targets(self, targets: Iterable[Tensor]) -> tuple[float, bool]:
+        r"""The two sums behind :meth:`data_normalizer`, for part of the data set.
+
+        Data-parallel operators count each rank's shard, sum the divisors and OR the
+        flags over the ranks, then call :meth:`normalizer_from_count`.
+
+        Args:
+            targets: The targets of every batch, in any order; always consumed in full.
+
+        Returns:
+            :math:`\sum_b D_b` (:meth:`mean_denominator`) and whether any batch's
+            targets need the data set's divisor (:meth:`uses_global_mean`).
+        """
+        total, needed = 0.0, False
+        for y in targets:  # consumed in full, also when the answer is None
+            total += self.mean_denominator(y)
+            needed = needed or self.uses_global_mean(y)
+        return total, needed
+
+    def normalizer_from_count(self, total: float, needed: bool) -> float | None:
+        """:meth:`data_normalizer` from the whole data set's :meth:`count_targets`.
+
+        Args:
+            total: The data set's summed divisor :math:`D`.
+            needed: Whether any batch's targets need it.
+
+        Returns:
+            :math:`D`, or ``None``.
+
+        Raises:
+            TargetError: If ``needed`` and :math:`D = 0` (see :meth:`data_normalizer`).
+        """
+        if self.reduction == "sum" or not needed:
+            return None
+        if total <= 0:
+            raise TargetError(
+                f"{type(self.loss_func).__name__}(reduction='mean') divides by {total}"
+                " over the whole data set (every target is ignored or has weight 0), "
+                "so the loss is nan. Use reduction='sum' or data with counted targets."
+            )
+        return total
 
     def batch_scale(self, y: Tensor, batch_size: int, num_data: int) -> float:
         r"""Scale of a batch's summed term curvatures in the data set's curvature.
 
-        For ``sum`` it is 1. For ``mean`` the data set's risk is
+        For ``sum`` it is 1. For ``mean`` with a target-dependent divisor
+        (:attr:`normalizer` set, see :meth:`data_normalizer`) it is :math:`1/D`, PyTorch's
+        ``mean`` over the concatenated data set. Otherwise the data set's risk is
         :math:`\sum_b \frac{N_b}{N} L_b` with :math:`L_b` the batch's ``mean`` loss,
         i.e. :math:`c_b = N_b / (N D_b)`, with :math:`D_b` from
-        :meth:`mean_denominator`. When every datum has the same number of terms, this
-        is one over the total number of terms of the data set (times ``C`` for
-        ``MSELoss`` and ``BCEWithLogitsLoss``), exactly PyTorch's ``mean`` over the
-        concatenated data set.
+        :meth:`mean_denominator` (curvlinops' convention). When every datum has the
+        same number of terms, this is one over the total number of terms of the data
+        set (times ``C`` for ``MSELoss`` and ``BCEWithLogitsLoss``), exactly PyTorch's
+        ``mean`` over the concatenated data set.
 
         Args:
             y: The batch's targets.
@@ -140,7 +241,17 @@ class FisherLoss(ABC):
         """
         if self.reduction == "sum":
             return 1.0
+        if self.normalizer is not None:
+            return 1.0 / self.normalizer
         return batch_size / (num_data * self.mean_denominator(y))
+
+    def check_sampling(self) -> None:
+        """Raise :class:`UnsupportedLossError` if the MC Fisher is not defined.
+
+        The MC Fisher samples labels from the model's likelihood. Losses with options
+        that are not part of a likelihood (class or element weights) override this.
+        """
+        return None
 
     # ------------------------------------------------------- output-space math
     @abstractmethod
@@ -244,32 +355,66 @@ class MSEFisherLoss(FisherLoss):
 
 
 class CrossEntropyFisherLoss(FisherLoss):
-    r"""``CrossEntropyLoss`` with class-index targets; class axis 1 (PyTorch's layout).
+    r"""``CrossEntropyLoss``, class axis 1 (PyTorch's layout), with all its options.
 
-    :math:`\ell = -\log \mathrm{softmax}(\mathbf{f}_t)_{y_t}`, with
-    :math:`\mathbf{p}_t = \mathrm{softmax}(\mathbf{f}_t)`:
-    :math:`\nabla\ell = \mathbf{p}_t - \mathbf{e}_{y_t}`,
-    :math:`\mathbf{H}_t = \mathrm{diag}(\mathbf{p}_t) - \mathbf{p}_t\mathbf{p}_t^\top`
-    (applied in closed form, never materialised),
-    :math:`\mathbf{S}_t = \mathrm{diag}(\sqrt{\mathbf{p}_t}) - \mathbf{p}_t\sqrt{\mathbf{p}_t}^\top`,
-    would-be gradients :math:`\mathbf{p}_t - \mathbf{e}_{\tilde y}`,
-    :math:`\tilde y \sim \mathrm{Categorical}(\mathbf{p}_t)`.
+    Every term is :math:`\ell_t = -\sum_c a_{tc} \log p_{tc}` with
+    :math:`\mathbf{p}_t = \mathrm{softmax}(\mathbf{f}_t)` and non-negative
+    coefficients :math:`\mathbf{a}_t` (:math:`\mathbf{w}` the class weights, ones if
+    ``weight=None``; :math:`\varepsilon` = ``label_smoothing``):
+
+    - class index :math:`y_t`: :math:`\mathbf{a}_t = (1-\varepsilon) w_{y_t}
+      \mathbf{e}_{y_t} + \frac{\varepsilon}{C}\mathbf{w}`, and
+      :math:`\mathbf{a}_t = \mathbf{0}` if :math:`y_t` = ``ignore_index``;
+    - probabilities (soft targets) :math:`\mathbf{y}_t`: :math:`\mathbf{a}_t =
+      \mathbf{w} \odot ((1-\varepsilon)\mathbf{y}_t + \frac{\varepsilon}{C})`.
+
+    With :math:`s_t = \sum_c a_{tc}`: :math:`\nabla\ell = s_t\mathbf{p}_t -
+    \mathbf{a}_t`, :math:`\mathbf{H}_t = s_t(\mathrm{diag}(\mathbf{p}_t) -
+    \mathbf{p}_t\mathbf{p}_t^\top)` (applied in closed form, never materialised),
+    :math:`\mathbf{S}_t = \sqrt{s_t}(\mathrm{diag}(\sqrt{\mathbf{p}_t}) -
+    \mathbf{p}_t\sqrt{\mathbf{p}_t}^\top)`, would-be gradients
+    :math:`\sqrt{s_t}(\mathbf{p}_t - \mathbf{e}_{\tilde y})`,
+    :math:`\tilde y \sim \mathrm{Categorical}(\mathbf{p}_t)` (the likelihood; their
+    second moment is :math:`\mathbf{H}_t`). Plain class indices have
+    :math:`\mathbf{a}_t = \mathbf{e}_{y_t}`, :math:`s_t = 1`.
+
+    PyTorch's ``mean`` divides by the number of terms, except for class indices with
+    class weights or ignored entries: then by :math:`\sum_t w_{y_t}` over the
+    non-ignored terms (:meth:`mean_denominator`), over the whole data set (see
+    :meth:`FisherLoss.data_normalizer`).
+
+    The MC Fisher of a loss with class weights is not defined (:meth:`check_sampling`):
+    the weight belongs to the true label, not to a likelihood one can sample from.
+
+    Raises:
+        UnsupportedLossError: If ``weight`` has negative entries (the curvature would
+            be indefinite).
     """
 
     loss_type = CrossEntropyLoss
 
     def __init__(self, loss_func: CrossEntropyLoss):
-        """Reject options whose curvature is not implemented yet (see class doc)."""
+        """Check the options (see class docstring)."""
         super().__init__(loss_func)
-        if loss_func.weight is not None:
+        weight = loss_func.weight
+        if weight is not None and (weight.ndim != 1 or bool((weight < 0).any())):
             raise UnsupportedLossError(
-                "CrossEntropyLoss(weight=...) is not supported yet. Remove the class "
-                "weights, or rescale the operator yourself."
+                "CrossEntropyLoss(weight=...) must be a 1-D tensor of non-negative "
+                f"class weights; got shape {tuple(weight.shape)} with minimum "
+                f"{float(weight.min()) if weight.numel() else 'n/a'}. Negative weights "
+                "make the curvature indefinite."
             )
-        if loss_func.label_smoothing != 0.0:
+        self.ignore_index: int = loss_func.ignore_index
+        self.smoothing: float = float(loss_func.label_smoothing)
+
+    def check_sampling(self) -> None:
+        """Raise for class weights (see class docstring)."""
+        if self.loss_func.weight is not None:
             raise UnsupportedLossError(
-                "CrossEntropyLoss(label_smoothing=...) is not supported yet. "
-                "Use label_smoothing=0.0."
+                "The Monte-Carlo Fisher of CrossEntropyLoss(weight=...) is not defined: "
+                "a class weight belongs to the true label, so the weighted loss is not "
+                "a log-likelihood to sample labels from. Use GGNLinearOperator (the "
+                "exact Fisher of the weighted loss) or EFLinearOperator."
             )
 
     def class_axis(self, ndim: int) -> int:  # noqa: D102
@@ -283,95 +428,233 @@ class CrossEntropyFisherLoss(FisherLoss):
             )
         return super().flatten(x, lead)
 
-    def flatten_targets(self, y: Tensor, output: Tensor) -> Tensor:  # noqa: D102
-        return y.reshape(-1)
+    @staticmethod
+    def _soft(y: Tensor) -> bool:
+        """Whether (flattened or not) targets are probabilities (PyTorch's rule)."""
+        return y.is_floating_point()
+
+    def flatten_targets(self, y: Tensor, output: Tensor) -> Tensor:
+        """Class indices ``(T,)``, or probabilities flattened like the output ``(T, C)``."""
+        return self.flatten(y) if self._soft(y) else y.reshape(-1)
+
+    def mean_denominator(self, y: Tensor) -> float:
+        """PyTorch's ``mean`` divisor of a batch (see the class docstring).
+
+        The number of terms; for class indices, the number of non-ignored terms, or
+        with class weights the sum of their targets' weights.
+        """
+        if self._soft(y):
+            return y.numel() // y.shape[1] if y.ndim > 1 else 0
+        counted = y != self.ignore_index
+        weight = self.loss_func.weight
+        if weight is None:
+            return int(counted.sum())
+        return float(weight.to(y.device)[y[counted]].sum())
+
+    @property
+    def scans_targets(self) -> bool:  # noqa: D102
+        return self.reduction == "mean"
+
+    def uses_global_mean(self, y: Tensor) -> bool:  # noqa: D102
+        if self._soft(y):
+            return False
+        return self.loss_func.weight is not None or bool((y == self.ignore_index).any())
 
     def check_targets(self, output: Tensor, y: Tensor) -> None:  # noqa: D102
         self.flatten(output)  # checks the output's rank
         expected = (output.shape[0], *output.shape[2:])
-        if y.is_floating_point() or y.is_complex():
-            if y.shape == output.shape:
-                raise UnsupportedLossError(
-                    "CrossEntropyLoss with probability (soft) targets is not supported "
-                    "yet. Pass class indices (an integer tensor of shape "
-                    f"{expected})."
-                )
+        C = output.shape[1]
+        weight = self.loss_func.weight
+        if weight is not None and weight.numel() != C:
             raise TargetError(
-                f"CrossEntropyLoss targets must be integer class indices; got dtype "
-                f"{y.dtype}. Convert them with y.long()."
+                f"CrossEntropyLoss(weight=...) has {weight.numel()} class weights but "
+                f"the model outputs C={C} classes (axis 1 of {tuple(output.shape)}). "
+                "Pass one weight per class."
             )
+        if y.is_complex():
+            raise TargetError(
+                f"CrossEntropyLoss targets must be integer class indices or float "
+                f"probabilities; got dtype {y.dtype}."
+            )
+        if self._soft(y):
+            if tuple(y.shape) != tuple(output.shape):
+                raise TargetError(
+                    f"CrossEntropyLoss probability (soft) targets must have the output's"
+                    f" shape {tuple(output.shape)}; got {tuple(y.shape)}. For class "
+                    "indices, pass an integer tensor (y.long())."
+                )
+            if y.numel() and not bool((y >= 0).all()):
+                raise TargetError(
+                    "CrossEntropyLoss probability (soft) targets must be non-negative "
+                    f"(and finite); got minimum {float(y.min())}. Pass probabilities."
+                )
+            return
         if tuple(y.shape) != expected:
             raise TargetError(
                 f"CrossEntropyLoss targets must have shape {expected} for outputs of "
                 f"shape {tuple(output.shape)} (classes on axis 1); got "
                 f"{tuple(y.shape)}."
             )
-        if y.numel() == 0:
+        counted = y[y != self.ignore_index]
+        if counted.numel() == 0:
             return
-        C = output.shape[1]
-        y_min, y_max = int(y.min()), int(y.max())
+        y_min, y_max = int(counted.min()), int(counted.max())
         if y_min < 0 or y_max >= C:
             bad = y_min if y_min < 0 else y_max
-            hint = (
-                f" It equals ignore_index={self.loss_func.ignore_index}: ignored targets "
-                "are not supported yet; drop those terms from the data."
-                if bad == self.loss_func.ignore_index
-                else ""
-            )
             raise TargetError(
                 f"CrossEntropyLoss class index {bad} is out of range [0, {C - 1}] for "
-                f"{C} classes.{hint} Check the labels or the model's number of outputs."
+                f"{C} classes (and is not ignore_index={self.ignore_index}). Check the "
+                "labels, the model's number of outputs, or ignore_index."
             )
 
+    def _coefficients(self, y: Tensor, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        r"""The term scales :math:`s_t` ``(T,)`` and, for soft targets, :math:`\mathbf{a}_t`.
+
+        For class indices the coefficients are applied by :meth:`gradient` without
+        forming :math:`\mathbf{a}_t` (second entry ``None``).
+        """
+        dtype, device = like.dtype, like.device
+        weight = self.loss_func.weight
+        w = None if weight is None else weight.to(dtype=dtype, device=device)
+        eps, C = self.smoothing, like.shape[-1]
+        if self._soft(y):
+            a = y.to(dtype)
+            if eps:
+                a = (1 - eps) * a + eps / C
+            if w is not None:
+                a = a * w
+            return a.sum(-1), a
+        labels, w_y = self._label_weights(y, w, dtype)
+        if eps and w is not None:
+            counted = (y != self.ignore_index).to(dtype)
+            return (1 - eps) * w_y + (eps / C) * w.sum() * counted, None
+        return w_y, None  # without class weights, s_t = 1 (0 if ignored) for any eps
+
+    def _label_weights(
+        self, y: Tensor, w: Tensor | None, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Labels with ignored ones set to 0, and :math:`w_{y_t}` (0 if ignored)."""
+        counted = y != self.ignore_index
+        labels = torch.where(counted, y, 0)
+        w_y = counted.to(dtype) if w is None else w[labels] * counted
+        return labels, w_y
+
     def gradient(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
-        return output.softmax(dim=-1) - one_hot(y, output.shape[-1]).to(output.dtype)
+        p = output.softmax(dim=-1)
+        s, a = self._coefficients(y, output)
+        if a is not None:
+            return s.unsqueeze(-1) * p - a
+        weight, eps, C = self.loss_func.weight, self.smoothing, p.shape[-1]
+        w = None if weight is None else weight.to(dtype=p.dtype, device=p.device)
+        labels, w_y = self._label_weights(y, w, p.dtype)
+        on_label = w_y if not eps else (1 - eps) * w_y
+        grad = s.unsqueeze(-1) * p - one_hot(labels, C).to(p.dtype) * (
+            on_label.unsqueeze(-1)
+        )
+        if eps:
+            counted = (y != self.ignore_index).to(p.dtype).unsqueeze(-1)
+            grad = grad - (eps / C) * (counted if w is None else counted * w)
+        return grad
 
     def hessian_matmat(self, output: Tensor, y: Tensor, U: Tensor) -> Tensor:  # noqa: D102
         p = output.softmax(dim=-1)
-        return p * U - p * (p * U).sum(-1, keepdim=True)
+        s, _ = self._coefficients(y, output)
+        return s.unsqueeze(-1) * (p * U - p * (p * U).sum(-1, keepdim=True))
 
     def hessian_sqrt(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
         p = output.softmax(dim=-1)
         sqrt_p = p.sqrt()
-        return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+        s, _ = self._coefficients(y, output)
+        S = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+        return s.sqrt()[:, None, None] * S
 
     def sample_gradients(  # noqa: D102
         self, output: Tensor, y: Tensor, mc_samples: int, generator: Generator
     ) -> Tensor:
+        self.check_sampling()
         p = output.softmax(dim=1)
         labels = p.multinomial(
             num_samples=mc_samples, replacement=True, generator=generator
         )
-        return p - one_hot(labels.T, p.shape[1]).to(p.dtype)
+        G = p - one_hot(labels.T, p.shape[1]).to(p.dtype)
+        s, _ = self._coefficients(y, output)
+        return s.sqrt().unsqueeze(-1) * G
 
 
 class BCEWithLogitsFisherLoss(FisherLoss):
-    r"""``BCEWithLogitsLoss`` with targets in [0, 1]; class axis last.
+    r"""``BCEWithLogitsLoss`` with targets in [0, 1]; class axis last; any output rank.
 
-    With :math:`\sigma = \mathrm{sigmoid}(\mathbf{f}_t)` (element-wise):
-    :math:`\nabla\ell = \sigma - \mathbf{y}_t`,
-    :math:`\mathbf{H}_t = \mathrm{diag}(\sigma(1-\sigma))`,
-    :math:`\mathbf{S}_t = \mathrm{diag}(\sqrt{\sigma(1-\sigma)})`, would-be gradients
-    :math:`\sigma - \tilde{\mathbf{y}}`, :math:`\tilde{\mathbf{y}} \sim \mathrm{Bernoulli}(\sigma)`.
+    With :math:`\sigma = \mathrm{sigmoid}(\mathbf{f}_t)` (element-wise), element
+    weights :math:`\mathbf{w}` (``weight``, broadcast to the output; ones if ``None``)
+    and positive-class weights :math:`\boldsymbol{\rho}` (``pos_weight``, broadcast
+    along the class axis; ones if ``None``), PyTorch's per-entry loss is
+    :math:`-w[\rho y \log\sigma + (1-y)\log(1-\sigma)]`. With
+    :math:`\mathbf{h} = \mathbf{w}\odot(\boldsymbol{\rho}\odot\mathbf{y}_t + 1 -
+    \mathbf{y}_t)` and :math:`\mathbf{b} = \mathbf{w}\odot\boldsymbol{\rho}\odot
+    \mathbf{y}_t`:
+    :math:`\nabla\ell = \mathbf{h}\odot\sigma - \mathbf{b}`,
+    :math:`\mathbf{H}_t = \mathrm{diag}(\mathbf{h}\odot\sigma(1-\sigma))`,
+    :math:`\mathbf{S}_t = \mathrm{diag}(\sqrt{\mathbf{h}\odot\sigma(1-\sigma)})`.
+    Without weights :math:`\mathbf{h} = \mathbf{1}`, :math:`\mathbf{b} =
+    \mathbf{y}_t`, and would-be gradients are :math:`\sigma - \tilde{\mathbf{y}}`,
+    :math:`\tilde{\mathbf{y}} \sim \mathrm{Bernoulli}(\sigma)`. ``mean`` divides
+    by the number of entries, weights or not (as PyTorch does).
+
+    The MC Fisher with ``weight`` or ``pos_weight`` is not defined
+    (:meth:`check_sampling`): the weighted loss is not a Bernoulli log-likelihood
+    (with ``pos_weight`` its Hessian even depends on the true label).
+
+    Raises:
+        UnsupportedLossError: If ``weight`` or ``pos_weight`` has negative entries.
     """
 
     loss_type = BCEWithLogitsLoss
 
     def __init__(self, loss_func: BCEWithLogitsLoss):
-        """Reject options whose curvature is not implemented yet (see class doc)."""
+        """Check the options (see class docstring)."""
         super().__init__(loss_func)
         for option in ("weight", "pos_weight"):
-            if getattr(loss_func, option) is not None:
+            value = getattr(loss_func, option)
+            if value is not None and bool((value < 0).any()):
                 raise UnsupportedLossError(
-                    f"BCEWithLogitsLoss({option}=...) is not supported yet. Remove "
-                    f"{option}."
+                    f"BCEWithLogitsLoss({option}=...) has negative entries (minimum "
+                    f"{float(value.min())}); they make the curvature indefinite. Pass "
+                    f"non-negative {option}."
                 )
+        self.weighted = loss_func.weight is not None or loss_func.pos_weight is not None
+
+    def check_sampling(self) -> None:
+        """Raise for ``weight``/``pos_weight`` (see class docstring)."""
+        if self.weighted:
+            raise UnsupportedLossError(
+                "The Monte-Carlo Fisher of BCEWithLogitsLoss(weight=... or "
+                "pos_weight=...) is not defined: the weighted loss is not a Bernoulli "
+                "log-likelihood to sample labels from. Use GGNLinearOperator (the exact "
+                "Fisher of the weighted loss) or EFLinearOperator."
+            )
 
     def class_axis(self, ndim: int) -> int:  # noqa: D102
         return ndim - 1
 
-    def flatten_targets(self, y: Tensor, output: Tensor) -> Tensor:  # noqa: D102
-        return self.flatten(y)
+    def flatten_targets(self, y: Tensor, output: Tensor) -> Tensor:
+        r"""Targets ``(T, C)``; with weights, :math:`[\mathbf{h}, \mathbf{b}]` ``(T, C, 2)``.
+
+        The weights are broadcast to the batch's output here, the only place that
+        knows its shape (see the class docstring for :math:`\mathbf{h}, \mathbf{b}`).
+        """
+        if not self.weighted:
+            return self.flatten(y)
+        weight, pos_weight = (
+            None if w is None else w.to(output)
+            for w in (self.loss_func.weight, self.loss_func.pos_weight)
+        )
+        y = y.to(output)
+        h = torch.ones_like(y) if pos_weight is None else pos_weight * y + 1 - y
+        b = y if pos_weight is None else pos_weight * y
+        if weight is not None:
+            h, b = weight * h, weight * b
+        hb = torch.stack([h.expand(output.shape), b.expand(output.shape)], dim=-1)
+        return hb.reshape(-1, self.num_classes(output), 2)
 
     def check_targets(self, output: Tensor, y: Tensor) -> None:  # noqa: D102
         _check_same_shape_float_targets(self, output, y)
@@ -380,26 +663,109 @@ class BCEWithLogitsFisherLoss(FisherLoss):
                 "BCEWithLogitsLoss targets must lie in [0, 1]; got values in "
                 f"[{float(y.min())}, {float(y.max())}]. Pass probabilities or 0/1 labels."
             )
+        for option in ("weight", "pos_weight"):
+            value = getattr(self.loss_func, option)
+            if value is not None and not _broadcasts_to(value.shape, output.shape):
+                raise TargetError(
+                    f"BCEWithLogitsLoss({option}=...) of shape {tuple(value.shape)} "
+                    f"does not broadcast to the model output's shape "
+                    f"{tuple(output.shape)}. Reshape {option}."
+                )
+
+    @staticmethod
+    def _coefficients(y: Tensor) -> tuple[Tensor | None, Tensor]:
+        r""":math:`\mathbf{h}` (``None`` for ones) and :math:`\mathbf{b}` of flattened targets."""
+        if y.ndim == 3:
+            return y[..., 0], y[..., 1]
+        return None, y
 
     def gradient(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
-        return output.sigmoid() - y
+        h, b = self._coefficients(y)
+        s = output.sigmoid()
+        return (s if h is None else h * s) - b
+
+    def _curvature(self, output: Tensor, y: Tensor) -> Tensor:
+        r"""The diagonal of :math:`\mathbf{H}_t`, :math:`\mathbf{h}\odot\sigma(1-\sigma)`."""
+        h, _ = self._coefficients(y)
+        s = output.sigmoid()
+        d = s * (1 - s)
+        return d if h is None else h * d
 
     def hessian_matmat(self, output: Tensor, y: Tensor, U: Tensor) -> Tensor:  # noqa: D102
-        s = output.sigmoid()
-        return s * (1 - s) * U
+        return self._curvature(output, y) * U
 
     def hessian_sqrt(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
-        s = output.sigmoid()
-        return torch.diag_embed((s * (1 - s)).sqrt())
+        return torch.diag_embed(self._curvature(output, y).sqrt())
 
     def sample_gradients(  # noqa: D102
         self, output: Tensor, y: Tensor, mc_samples: int, generator: Generator
     ) -> Tensor:
+        self.check_sampling()
         p = output.sigmoid()
         labels = (
             p.unsqueeze(0).expand(mc_samples, -1, -1).bernoulli(generator=generator)
         )
         return p - labels
+
+
+class PerDatumLoss:
+    r"""View of a :class:`FisherLoss` whose terms are whole data points.
+
+    A batch output of ``N`` data points with ``Q`` terms of ``C`` entries each is
+    flattened to ``(N, Q C)`` instead of ``(N Q, C)``; the gradient of a datum is the
+    concatenation of its terms' gradients, i.e. the output gradient of the datum's
+    summed loss :math:`\ell_n = \sum_{t \in n} \ell_t`. Used for the empirical
+    Fisher of per-datum gradients (:math:`\mathbf{B}_n = \nabla_{\mathbf{f}_n}
+    \ell_n`, one row per datum); everything else (targets, scales) is the wrapped
+    loss's. Only :meth:`gradient` of the output-space math is defined: the Hessian of
+    :math:`\ell_n` is block-diagonal over its terms, so the GGN and the MC Fisher are
+    the same per term and per datum.
+
+    Args:
+        loss: The per-term loss.
+    """
+
+    def __init__(self, loss: FisherLoss):
+        """Wrap ``loss`` (see class docstring)."""
+        self.loss = loss
+
+    def __getattr__(self, name: str):
+        """Everything but the layout and the gradient is the wrapped loss's."""
+        if name == "loss":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loss, name)
+
+    def flatten(self, x: Tensor, lead: int = 0) -> Tensor:
+        """``(*L, N, ...)`` -> ``(*L, N, Q C)`` (terms of a datum stay contiguous)."""
+        terms = self.loss.flatten(x, lead)
+        return terms.reshape(*x.shape[:lead], x.shape[lead], -1)
+
+    def unflatten(self, x: Tensor, output_shape: torch.Size, lead: int = 0) -> Tensor:
+        """Inverse of :meth:`flatten`."""
+        ndim = len(output_shape)
+        C = 1 if ndim == 1 else output_shape[self.loss.class_axis(ndim)]
+        terms = x.reshape(*x.shape[:lead], -1, C)
+        return self.loss.unflatten(terms, output_shape, lead)
+
+    def gradient(self, output: Tensor, y: Tensor) -> Tensor:
+        """Per-datum output gradients ``(N, Q C)`` from the flattened targets."""
+        N, T = output.shape[0], y.shape[0]
+        terms = output.reshape(T, output.shape[1] * N // T)
+        return self.loss.gradient(terms, y).reshape(N, -1)
+
+    def hessian_matmat(self, output: Tensor, y: Tensor, U: Tensor) -> Tensor:
+        """Not used: the GGN is the same per datum (see class docstring)."""
+        raise NotImplementedError("PerDatumLoss is only for the empirical Fisher.")
+
+    hessian_sqrt = sample_gradients = hessian_matmat
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (without growing it)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _check_same_shape_float_targets(

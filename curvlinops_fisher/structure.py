@@ -54,7 +54,7 @@ from curvlinops_fisher.distributed import (
     resolve_process_group,
     solve_on_root,
 )
-from curvlinops_fisher.errors import FactorMemoryError
+from curvlinops_fisher.errors import FactorMemoryError, naming_batch
 from curvlinops_fisher.factors import (
     BatchOutputFactor,
     OutputFactorKind,
@@ -87,7 +87,7 @@ class _FixedFactorKind(OutputFactorKind):
     def __init__(self, factor: BatchOutputFactor):
         self.factor = factor
 
-    def for_batch(  # noqa: D102
+    def _build(  # noqa: D102
         self, loss: FisherLoss, output: Tensor, y: Tensor
     ) -> BatchOutputFactor:
         return self.factor
@@ -173,7 +173,8 @@ class LinearizedBatch:
         W = B.new_zeros(stop - start, T, C)
         W[torch.arange(stop - start, device=B.device), terms] = B[terms, :, columns]
         cotangents = self.loss.unflatten(W, self.output_shape, lead=1)
-        (grads,) = vmap(self.vjp_fn)(cotangents)
+        with torch.no_grad():  # see linearize_batch
+            (grads,) = vmap(self.vjp_fn)(cotangents)
         return _join_rows(grads)
 
     def matmat(
@@ -232,7 +233,10 @@ def linearize_batch(
     Returns:
         The linearized batch.
     """
-    output, vjp_fn = vjp(lambda p: model_function(p, X), params)
+    # torch.func differentiates w.r.t. ``params`` whatever the outer grad mode; no_grad
+    # keeps module parameters outside ``params`` that require grad out of the results.
+    with torch.no_grad():
+        output, vjp_fn = vjp(lambda p: model_function(p, X), params)
     if check_targets:
         loss.check_targets(output, y)
     output_factor = factor_kind.for_batch(
@@ -462,17 +466,19 @@ class ExactStructureMixin:
         """One pass over the data: every batch linearized, with its factor, in order."""
         factor_kind = self._factor_kind()  # freshly seeded: once per pass
         params = self._param_values()
-        for X, y in self._batches("factor"):
-            yield linearize_batch(
-                self._model_function,
-                params,
-                X,
-                y,
-                self._loss,
-                factor_kind,
-                scale=self._loss.batch_scale(y, self._batch_size(X), self._N_data),
-                check_targets=not self._targets_checked,
-            )
+        for index, (X, y) in enumerate(self._batches("factor")):
+            with naming_batch(index):
+                batch = linearize_batch(
+                    self._model_function,
+                    params,
+                    X,
+                    y,
+                    self._loss,
+                    factor_kind,
+                    scale=self._loss.batch_scale(y, self._batch_size(X), self._N_data),
+                    check_targets=not self._targets_checked,
+                )
+            yield batch
         self._targets_checked = True
 
     def _factor_chunks(self, chunk_bytes: int) -> Iterator[Tensor]:

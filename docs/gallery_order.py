@@ -6,6 +6,8 @@ ORDER = [
     "plot_eigenvalues.py",
     "plot_trace_diagonal.py",
     "plot_laplace.py",
+    "functional_laplace.py",
+    "plot_huggingface.py",
 ]
 
 

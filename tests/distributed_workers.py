@@ -17,9 +17,12 @@ import numpy
 import pytest
 import torch
 import torch.distributed as dist
+from concat_reference import concatenate, loss64
 from problems import LOSSES, REDUCTIONS, make_problem
 from reference import dense_fisher_mc, dense_ggn
 from scipy.sparse.linalg import cg, eigsh
+from test_loss_options import WEIGHT, ce_data
+from torch import nn
 
 from curvlinops_fisher import (
     EFLinearOperator,
@@ -27,7 +30,7 @@ from curvlinops_fisher import (
     GGNLinearOperator,
 )
 from curvlinops_fisher.distributed import rank_batch_seed, solve_on_root
-from curvlinops_fisher.errors import DataError, DistributedError
+from curvlinops_fisher.errors import DataError, DistributedError, TargetError
 
 #: Process group timeout: a hang fails the test instead of blocking it.
 TIMEOUT = timedelta(seconds=60)
@@ -35,6 +38,19 @@ TIMEOUT = timedelta(seconds=60)
 SHARDS = {2: [[0], [1, 2]], 3: [[0, 1], [], [2]]}
 OPERATORS = {"ggn": GGNLinearOperator, "ef": EFLinearOperator}
 SEED = 42
+#: Batches of :func:`loss_option_batches` per rank, two layouts per world size: a
+#: rank without ignored targets (its divisor counts, its flag is False), a rank whose
+#: targets are all ignored (divisor 0) and, with 3 ranks, an empty shard.
+OPTION_SHARDS = {
+    2: [[[0], [1, 2, 3]], [[0, 1, 2], [3]]],
+    3: [[[3], [], [0, 1, 2]], [[0], [1, 2], [3]]],
+}
+#: CrossEntropyLoss(reduction='mean') options whose divisor depends on the targets.
+CE_OPTIONS = {
+    "ignore_index": {},
+    "weight": {"weight": WEIGHT},
+    "weight-smoothing": {"weight": WEIGHT, "label_smoothing": 0.1},
+}
 
 
 def run(
@@ -275,3 +291,108 @@ def check_errors(rank: int, world_size: int) -> None:
     with pytest.raises(error, match="solver diverged"):
         solve_on_root(op, solve)
     assert_close(op @ v, expected, "product after a failed solver")
+
+
+def loss_option_batches() -> tuple[nn.Module, list]:
+    """Sequence model and four batches of class targets (``-100`` ignored).
+
+    Batch 0 has no ignored target, batches 1 and 2 some (one datum entirely), batch 3
+    only ignored ones.
+    """
+    model, batches = ce_data("padded")
+    X, y = batches[0]
+    batches[0] = (X, y.clamp(min=0))
+    assert not bool((batches[0][1] == -100).any())
+    assert bool((batches[3][1] == -100).all())
+    return model, batches
+
+
+def mc_sum_reference(model, params, rank_batches: list[list]) -> torch.Tensor:
+    """The distributed MC sample (2 per term) of ``CrossEntropyLoss('sum')``, dense.
+
+    As in :func:`mc_reference`: one single-process operator per batch, seeded with
+    ``rank_batch_seed``.
+    """
+    P = sum(p.numel() for p in params)
+    dense = torch.zeros(P, P, dtype=torch.float64)
+    loss_func = nn.CrossEntropyLoss(reduction="sum")
+    for r, batches in enumerate(rank_batches):
+        for i, batch in enumerate(batches):
+            op = FisherMCLinearOperator(
+                model,
+                loss_func,
+                params,
+                [batch],
+                seed=rank_batch_seed(SEED, r, i),
+                mc_samples=2,
+            )
+            dense += op @ torch.eye(P, dtype=torch.float64)
+    return dense
+
+
+def check_loss_options(rank: int, world_size: int) -> None:
+    """CrossEntropyLoss 'mean' with ignored targets and class weights.
+
+    The data set's divisor is summed over the ranks, also from ranks whose own
+    targets do not need it, have none counted, or are empty.
+    """
+    model, batches = loss_option_batches()
+    params = list(model.parameters())
+    P = sum(p.numel() for p in params)
+    eye = torch.eye(P, dtype=torch.float64)
+    for layout in OPTION_SHARDS[world_size]:
+        rank_batches = [[batches[i] for i in indices] for indices in layout]
+        everything = [batch for shard in rank_batches for batch in shard]
+        local = rank_batches[rank]
+        num_data = sum(len(y) for _, y in everything)
+        for case, options in CE_OPTIONS.items():
+            loss_func = nn.CrossEntropyLoss(**options)
+            args = (model, loss_func, params)
+            name = f"{case} {layout}"
+            ggn = GGNLinearOperator(*args, local, process_group="default")
+            expected = {}
+            for key, kwargs in {
+                "ggn": {},
+                "ef": {},
+                "ef-per-datum": {"per_datum": True},
+            }.items():
+                cls = GGNLinearOperator if key == "ggn" else EFLinearOperator
+                ours = (
+                    ggn
+                    if key == "ggn"
+                    else cls(*args, local, process_group="default", **kwargs)
+                )
+                ref = cls(*args, everything, **kwargs)
+                assert ours._loss.normalizer == pytest.approx(
+                    ref._loss.normalizer, rel=1e-12
+                ), name
+                expected[key] = ref @ eye
+                assert_close(ours @ eye, expected[key], f"{key} {name} product")
+                assert_close(ours.to_dense(), expected[key], f"{key} {name} dense")
+            given = GGNLinearOperator(
+                *args, local, num_data=num_data, process_group="default"
+            )
+            assert_close(given @ eye, expected["ggn"], f"{name} num_data given")
+            grad, value = ggn.gradient_and_loss()
+            X, y = concatenate(everything)
+            truth = loss64(loss_func)(model(X), y)
+            assert_close(value, truth, f"{name} loss")
+            truth_grad = torch.autograd.grad(truth, params)
+            for g, h in zip(grad, truth_grad, strict=True):
+                assert_close(g, h, f"{name} gradient")
+        # the MC Fisher (unweighted): the distributed sample, divided by the number
+        # of counted targets of the whole data set
+        mc = FisherMCLinearOperator(
+            model, nn.CrossEntropyLoss(), params, local, seed=SEED,
+            mc_samples=2, process_group="default",
+        )  # fmt: skip
+        counted = sum(int((y != -100).sum()) for _, y in everything)
+        assert mc._loss.normalizer == counted
+        expected = mc_sum_reference(model, params, rank_batches) / counted
+        assert_close(mc @ eye, expected, f"mc {layout} product")
+        assert_close(mc.to_dense(), expected, f"mc {layout} to_dense")
+    # every target of the data set ignored: PyTorch's mean is nan, on every rank
+    ignored = [batches[3]] if rank != 1 else []
+    with pytest.raises(TargetError, match="ignored"):
+        GGNLinearOperator(model, nn.CrossEntropyLoss(), params, ignored,
+                          process_group="default")  # fmt: skip

@@ -1,7 +1,8 @@
 """Side-by-side comparison with the peer library curvlinops (3.0.1).
 
 Both libraries must produce the same dense GGN, empirical Fisher and (for the same
-seed) Monte-Carlo Fisher. Skipped when curvlinops is not installed (see
+seed) Monte-Carlo Fisher, and, under the same ``torch.manual_seed``, the same
+randomized estimates. Skipped when curvlinops is not installed (see
 ``tests/compare-requirements.txt``).
 """
 
@@ -87,3 +88,46 @@ def test_same_as_curvlinops_float32_mc(loss: str) -> None:
     ours = _dense(curvlinops_fisher, "mc3", problem).double()
     theirs = _dense(curvlinops, "mc3", problem).double()
     assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+
+
+#: Estimator name -> (call arguments after ``A``, shape of ``A``).
+ESTIMATOR_CALLS: dict[str, tuple[tuple, tuple[int, int]]] = {
+    "hutchinson_trace": ((5,), (20, 20)),
+    "hutchpp_trace": ((9,), (20, 20)),
+    "xtrace": ((8,), (20, 20)),
+    "hutchinson_diag": ((5,), (20, 20)),
+    "xdiag": ((8,), (20, 20)),
+    "hutchinson_squared_fro": ((5,), (25, 20)),
+}
+
+
+#: ``(estimator, distribution)``; curvlinops' xdiag only draws Rademacher probes.
+ESTIMATOR_CASES = [
+    (name, distribution)
+    for name in ESTIMATOR_CALLS
+    for distribution in ("rademacher", "normal")
+    if not (name == "xdiag" and distribution == "normal")
+]
+
+
+@pytest.mark.parametrize("name, distribution", ESTIMATOR_CASES)
+def test_estimators_same_as_curvlinops(name: str, distribution: str) -> None:
+    """Under one ``torch.manual_seed`` both libraries draw the same probes.
+
+    Called in curvlinops' form (a tensor, ``distribution``, the global RNG), each of
+    our estimators returns curvlinops' number (XDiag takes no distribution there).
+
+    Args:
+        name: Estimator name.
+        distribution: ``"rademacher"`` or ``"normal"``.
+    """
+    args, shape = ESTIMATOR_CALLS[name]
+    A = torch.randn(
+        *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    kwargs = {} if name == "xdiag" else {"distribution": distribution}
+    torch.manual_seed(3)
+    theirs = getattr(curvlinops, name)(A, *args, **kwargs)
+    torch.manual_seed(3)
+    ours = getattr(curvlinops_fisher, name)(A, *args, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)

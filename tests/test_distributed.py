@@ -42,13 +42,25 @@ def spawn(world_size: int, tmp_path, *checks) -> None:
 
 
 def test_two_ranks_operators_and_errors(tmp_path):
-    """Every operator and loss (unequal shards); errors on one rank reach all."""
-    spawn(2, tmp_path, workers.check_operators, workers.check_errors)
+    """Every operator and loss (unequal shards); CrossEntropy options; errors."""
+    spawn(
+        2,
+        tmp_path,
+        workers.check_operators,
+        workers.check_loss_options,
+        workers.check_errors,
+    )
 
 
 def test_three_ranks_operators_solvers_and_cache(tmp_path):
-    """Every operator and loss with an empty shard; SciPy on rank 0; eigh; cached."""
-    spawn(3, tmp_path, workers.check_operators, workers.check_solvers_and_cache)
+    """Operators, losses and CrossEntropy options with an empty shard; SciPy; cached."""
+    spawn(
+        3,
+        tmp_path,
+        workers.check_operators,
+        workers.check_loss_options,
+        workers.check_solvers_and_cache,
+    )
 
 
 def test_process_group_needs_initialized_distributed():

@@ -485,8 +485,107 @@ def test_bad_arguments_raise(name: str) -> None:
         estimator(op, num_matvecs, gen(0), max_block=0)
     with pytest.raises(TypeError, match="generator"):
         estimator(op, num_matvecs, 0)
-    with pytest.raises(TypeError, match="PyTorchLinearOperator"):
-        estimator(op._A, num_matvecs, gen(0))
+    with pytest.raises(TypeError, match="PyTorchLinearOperator or a 2-D tensor"):
+        estimator(op._A.numpy(), num_matvecs, gen(0))
+    with pytest.raises(ValueError, match="floating-point matrix"):
+        estimator(op._A[0], num_matvecs, gen(0))
+    with pytest.raises(ValueError, match="floating-point matrix"):
+        estimator(op._A.to(torch.int64), num_matvecs, gen(0))
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        estimator(op, num_matvecs, distribution="uniform")
+    with pytest.raises(TypeError, match="distribution is given twice"):
+        estimator(op, num_matvecs, "normal", distribution="normal")
+
+
+# curvlinops' call forms: plain tensors, ``distribution``, the global RNG
+
+DISTRIBUTIONS = ["rademacher", "normal", "sphere"]
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_tensor_as_operator(name: str) -> None:
+    """A plain (square, or for the Frobenius norm rectangular) tensor is an operator."""
+    estimator, _, num_matvecs = ESTIMATORS[name]
+    op = square_or_rect(name)
+    for distribution in DISTRIBUTIONS:
+        kwargs = {"distribution": distribution}
+        expected = estimator(op, num_matvecs, gen(3), **kwargs)
+        result = estimator(op._A, num_matvecs, gen(3), **kwargs)
+        torch.testing.assert_close(result, expected, rtol=1e-14, atol=1e-14)
+    # curvlinops' keyword names
+    torch.testing.assert_close(
+        estimator(A=op._A, num_matvecs=num_matvecs, generator=gen(3)),
+        estimator(op, num_matvecs, gen(3)),
+        rtol=1e-14,
+        atol=1e-14,
+    )
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_probe_distribution_keyword(distribution: str) -> None:
+    """Probes are signs, Gaussian entries, or of norm sqrt(P), as requested."""
+    for estimator, _, num_matvecs in ESTIMATORS.values():
+        op = CountingOperator(DenseOperator(psd_matrix()))
+        estimator(op, num_matvecs, gen(0), distribution=distribution)
+        probes = op.inputs[0]
+        norms = probes.norm(dim=0)
+        is_sign = bool((probes.abs() == 1).all())
+        on_sphere = torch.allclose(norms, torch.full_like(norms, P**0.5))
+        assert is_sign == (distribution == "rademacher")
+        assert on_sphere == (distribution != "normal")
+
+
+def test_default_distributions() -> None:
+    """Rademacher probes by default; XTrace draws from the sphere."""
+    for name, (estimator, _, num_matvecs) in ESTIMATORS.items():
+        default = "sphere" if name == "xtrace" else "rademacher"
+        expected = estimator(DenseOperator(psd_matrix()), num_matvecs, gen(4))
+        op = DenseOperator(psd_matrix())
+        result = estimator(op, num_matvecs, gen(4), distribution=default)
+        assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("distribution", ["normal", "sphere"])
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_unbiased_other_distributions(name: str, distribution: str) -> None:
+    estimator, quantity, num_matvecs = ESTIMATORS[name]
+    op = square_or_rect(name)
+
+    def with_distribution(*args: object) -> Tensor:
+        return estimator(*args, distribution=distribution)
+
+    target = truth(op._A, quantity)
+    assert_unbiased(with_distribution, op, num_matvecs, target, repeats=200)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_positional_distribution(name: str) -> None:
+    """curvlinops' positional form ``f(A, num_matvecs, distribution)``."""
+    estimator, _, num_matvecs = ESTIMATORS[name]
+    A = square_or_rect(name)._A
+    torch.manual_seed(5)
+    positional = estimator(A, num_matvecs, "normal")
+    torch.manual_seed(5)
+    assert torch.equal(positional, estimator(A, num_matvecs, distribution="normal"))
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_global_rng_fresh_probes(name: str) -> None:
+    """Without a generator, each call draws fresh probes from the global RNG."""
+    estimator, _, num_matvecs = ESTIMATORS[name]
+    op = CountingOperator(square_or_rect(name))
+    torch.manual_seed(2)
+    estimator(op, num_matvecs)
+    estimator(op, num_matvecs)
+    first, second = op.inputs[0], op.inputs[-1 if name.startswith("hutchinson") else 2]
+    assert not torch.equal(first, second)
+    # the probes are the global RNG's next draws, one vector at a time
+    torch.manual_seed(2)
+    expected = [
+        torch.empty(op.shape[1], dtype=DT).bernoulli_(0.5) * 2 - 1
+        for _ in range(first.shape[1])
+    ]
+    assert torch.equal(first, torch.stack(expected, dim=1)) == (name != "xtrace")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -32,6 +32,7 @@ def test_example_runs_in_smoke_mode(name):
     result = run(
         [sys.executable, str(ROOT / "docs" / "examples" / name)],
         CURVLINOPS_FISHER_SMOKE="1",
+        OMP_NUM_THREADS="1",  # the suite runs examples side by side
         MPLBACKEND="Agg",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,7 @@
 """The losses layer against torch.func brute force on the per-term losses."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -12,18 +14,22 @@ T, C = 5, 3
 
 
 def per_term_loss(loss_func: nn.Module, f: torch.Tensor, y: torch.Tensor):
-    """Sum-reduced loss of one term (f of shape (C,))."""
-    summed = type(loss_func)(reduction="sum")
+    """Sum-reduced loss of one term (f of shape (C,)), all options kept."""
+    summed = copy.deepcopy(loss_func).double()
+    summed.reduction = "sum"
     if isinstance(loss_func, nn.CrossEntropyLoss):
         return summed(f.unsqueeze(0), y.unsqueeze(0))
     return summed(f, y)
 
 
-def term_data(loss_func: nn.Module):
+def term_data(loss_func: nn.Module, soft: bool = False):
     torch.manual_seed(0)
     f = torch.randn(T, C, dtype=torch.float64)
-    if isinstance(loss_func, nn.CrossEntropyLoss):
+    if isinstance(loss_func, nn.CrossEntropyLoss) and soft:
+        y = torch.rand(T, C, dtype=torch.float64)  # need not sum to 1
+    elif isinstance(loss_func, nn.CrossEntropyLoss):
         y = torch.randint(0, C, (T,))
+        y[1] = loss_func.ignore_index
     elif isinstance(loss_func, nn.BCEWithLogitsLoss):
         y = torch.rand(T, C, dtype=torch.float64)
     else:
@@ -34,17 +40,34 @@ def term_data(loss_func: nn.Module):
 LOSSES = [nn.MSELoss(), nn.CrossEntropyLoss(), nn.BCEWithLogitsLoss()]
 
 
-@pytest.mark.parametrize("loss_func", LOSSES, ids=lambda loss: type(loss).__name__)
-def test_gradient_hessian_sqrt_against_torch_func(loss_func):
+W = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+OPTIONS = [
+    (nn.CrossEntropyLoss(label_smoothing=0.3), False),
+    (nn.CrossEntropyLoss(weight=W), False),
+    (nn.CrossEntropyLoss(weight=W, label_smoothing=0.2, ignore_index=2), False),
+    (nn.CrossEntropyLoss(), True),
+    (nn.CrossEntropyLoss(weight=W, label_smoothing=0.2), True),
+    (nn.BCEWithLogitsLoss(pos_weight=W), False),
+    (nn.BCEWithLogitsLoss(weight=W, pos_weight=W.flip(0)), False),
+]
+
+
+@pytest.mark.parametrize(
+    "loss_func, soft",
+    [(loss, False) for loss in LOSSES] + OPTIONS,
+    ids=lambda x: repr(x) if isinstance(x, nn.Module) else str(x),
+)
+def test_gradient_hessian_sqrt_against_torch_func(loss_func, soft):
     loss = make_fisher_loss(loss_func)
-    f, y = term_data(loss_func)
+    f, y = term_data(loss_func, soft)
+    y_flat = loss.flatten_targets(y, f)  # packs BCE weights
     U = torch.randn(2, T, C, dtype=torch.float64)
-    S = loss.hessian_sqrt(f, y)
-    HU = loss.hessian_matmat(f, y, U)
+    S = loss.hessian_sqrt(f, y_flat)
+    HU = loss.hessian_matmat(f, y_flat, U)
     for t in range(T):
         g_true = grad(lambda ft: per_term_loss(loss_func, ft, y[t]))(f[t])
         H_true = hessian(lambda ft: per_term_loss(loss_func, ft, y[t]))(f[t])
-        torch.testing.assert_close(loss.gradient(f, y)[t], g_true)
+        torch.testing.assert_close(loss.gradient(f, y_flat)[t], g_true)
         torch.testing.assert_close(S[t] @ S[t].T, H_true)
         torch.testing.assert_close(HU[:, t], U[:, t] @ H_true.T)
 
@@ -99,9 +122,10 @@ def test_flatten_unflatten_round_trip(loss_func, shape):
     [
         (nn.L1Loss(), "L1Loss.*MSELoss"),
         (nn.MSELoss(reduction="none"), "reduction"),
-        (nn.CrossEntropyLoss(weight=torch.ones(3)), "weight"),
-        (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
-        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), "pos_weight"),
+        (nn.CrossEntropyLoss(weight=-torch.ones(3)), "weight.*non-negative"),
+        (nn.CrossEntropyLoss(weight=torch.ones(3, 1)), "weight.*1-D"),
+        (nn.BCEWithLogitsLoss(pos_weight=-torch.ones(3)), "pos_weight.*negative"),
+        (nn.BCEWithLogitsLoss(weight=-torch.ones(3)), "weight.*negative"),
     ],
 )
 def test_unsupported_losses(loss_func, match):
@@ -125,10 +149,26 @@ def test_unsupported_losses(loss_func, match):
             "range",
         ),
         (
-            nn.CrossEntropyLoss(),
+            nn.CrossEntropyLoss(ignore_index=-1),
             torch.randn(4, 3),
             torch.tensor([0, -100, 2, 0]),
-            "ignore_index",
+            "not ignore_index=-1",
+        ),
+        (nn.CrossEntropyLoss(weight=torch.ones(4)), torch.randn(4, 3), None, "4 class"),
+        (nn.CrossEntropyLoss(), torch.randn(4, 3), -torch.rand(4, 3), "non-negative"),
+        (nn.CrossEntropyLoss(), torch.randn(4, 3), torch.rand(4, 2), "soft.*shape"),
+        (nn.CrossEntropyLoss(), torch.randn(4, 3), torch.zeros(4, 3).cfloat(), "dtype"),
+        (
+            nn.BCEWithLogitsLoss(weight=torch.ones(4)),
+            torch.randn(4, 2),
+            torch.rand(4, 2),
+            "weight.*broadcast",
+        ),
+        (
+            nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)),
+            torch.randn(4, 2),
+            torch.rand(4, 2),
+            "pos_weight.*broadcast",
         ),
         (nn.CrossEntropyLoss(), torch.randn(4, 3), torch.zeros(4, 1).long(), "shape"),
         (nn.CrossEntropyLoss(), torch.randn(4, 3), torch.zeros(4), "integer"),
@@ -140,15 +180,16 @@ def test_unsupported_losses(loss_func, match):
     ],
 )
 def test_bad_targets(loss_func, output, y, match):
+    if y is None:
+        y = torch.zeros(output.shape[0]).long()
     with pytest.raises(TargetError, match=match):
         make_fisher_loss(loss_func).check_targets(output, y)
 
 
-def test_soft_cross_entropy_targets_are_reported_unsupported():
-    with pytest.raises(UnsupportedLossError, match="soft"):
-        make_fisher_loss(nn.CrossEntropyLoss()).check_targets(
-            torch.randn(4, 3), torch.rand(4, 3).softmax(-1)
-        )
+def test_soft_cross_entropy_targets_are_accepted():
+    make_fisher_loss(nn.CrossEntropyLoss()).check_targets(
+        torch.randn(4, 3), torch.rand(4, 3).softmax(-1)
+    )
 
 
 @pytest.mark.parametrize("reduction, expected", [("sum", 1.0), ("mean", 3 / (12 * 18))])

@@ -48,3 +48,22 @@ def test_results_carry_no_graph(cls):
     assert not (op @ v).requires_grad
     assert not (op @ torch.randn(op.shape[1], 2, dtype=torch.float64)).requires_grad
     assert all(p.grad is None for p in op._params)
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=lambda c: c.__name__)
+def test_results_carry_no_graph_for_a_parameter_subset(cls):
+    """Trainable module parameters outside ``params`` leave no graph in any result."""
+    model, loss_func, _, data = problem()
+    op = cls(model, loss_func, [model[0].weight], data)
+    V = torch.randn(op.shape[1], 2, dtype=torch.float64)
+    results = [
+        op @ V[:, 0],
+        op @ V,
+        op.to_dense(),
+        op.factor(),
+        op.diagonal(),
+        op.trace(),
+        op.cached() @ V,
+    ]
+    assert not any(r.requires_grad for r in results)
+    assert all(p.grad is None for p in model.parameters())
