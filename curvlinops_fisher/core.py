@@ -105,18 +105,54 @@ def named_model_function(
     """
     names = tuple(names)
     if isinstance(model, Module):
+        # Every name under which each differentiated tensor lives (tied weights, e.g.
+        # a language model's embedding and output layer, live under several), found
+        # once here so that each call can skip functional_call's own search for ties.
+        aliases = _tied_aliases(model, names)
+        all_names = tuple(n for name in names for n in aliases[name])
+        repeats = tuple(len(aliases[name]) for name in names)
 
         def call(named: dict[str, Tensor], X: ModelInput) -> Tensor:
-            return functional_call(model, named, (X,))
+            return functional_call(model, named, (X,), tie_weights=False)
 
-    else:
-        call = model
+        def model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
+            if len(all_names) != len(names):
+                param_values = tuple(
+                    p for p, r in zip(param_values, repeats) for _ in range(r)
+                )
+            with forward_ad_compatible_kernels():
+                return call(dict(zip(all_names, param_values)), X)
 
-    def model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
+        return model_function
+
+    def pure_model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
         with forward_ad_compatible_kernels():
-            return call(dict(zip(names, param_values)), X)
+            return model(dict(zip(names, param_values)), X)
 
-    return model_function
+    return pure_model_function
+
+
+def _tied_aliases(model: Module, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Map each name in ``names`` to all names of ``model`` holding the same tensor.
+
+    Args:
+        model: The module.
+        names: Names of (some of) its parameters or buffers.
+
+    Returns:
+        ``name -> (name, *other names of the same tensor)``.
+    """
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    aliases = {}
+    for name in names:
+        found = next((group for group in by_tensor.values() if name in group), [name])
+        aliases[name] = (name, *[n for n in found if n != name])
+    return aliases
 
 
 @contextmanager

@@ -61,6 +61,7 @@ from curvlinops_fisher.distributed import (
 from curvlinops_fisher.errors import (
     DataError,
     ParameterError,
+    all_finite,
     check_finite,
     naming_batch,
 )
@@ -227,8 +228,33 @@ class CurvatureLinearOperator(
         return [r.movedim(0, -1) for r in result]
 
     def _local_matmat(self, V: tuple[Tensor, ...]) -> list[Tensor]:
-        """This rank's part of the product with ``V`` (leading column axis)."""
+        """This rank's part of the product with ``V`` (leading column axis).
+
+        Raises:
+            NonFiniteError: If ``V`` or the part holds NaN or Inf (naming the batch).
+        """
         check_finite(V, "The vector or matrix multiplied onto the operator")
+        result = self._accumulate_matmat(V, check_batches=False)
+        if not all_finite(result):
+            # Find the batch to name in the error: a second pass that checks each
+            # batch's contribution (only on this error path).
+            self._accumulate_matmat(V, check_batches=True)
+            check_finite(result, "The product (a sum of finite batch contributions)")
+        return result
+
+    def _accumulate_matmat(
+        self, V: tuple[Tensor, ...], check_batches: bool
+    ) -> list[Tensor]:
+        """Sum this rank's batches' products onto ``V`` (leading column axis).
+
+        Args:
+            V: Matrix in tensor list format with a leading column axis.
+            check_batches: Check each batch's contribution for NaN and Inf (raises
+                :class:`~curvlinops_fisher.errors.NonFiniteError` naming the batch).
+
+        Returns:
+            The product in the format of ``V``.
+        """
         factor_kind = self._factor_kind()
         params = self._param_values()
         result = [torch.zeros_like(v) for v in V]
@@ -247,7 +273,10 @@ class CurvatureLinearOperator(
                     max_columns=self.max_columns_per_pass,
                     check_targets=not self._targets_checked,
                 )
-                check_finite(batch_result, "The batch's contribution to the product")
+                if check_batches:
+                    check_finite(
+                        batch_result, "The batch's contribution to the product"
+                    )
             for acc, r in zip(result, batch_result):
                 acc.add_(r)
         self._targets_checked = True

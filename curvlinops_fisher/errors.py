@@ -75,17 +75,24 @@ def check_finite(tensors: Iterable[torch.Tensor] | torch.Tensor, what: str) -> N
         what: What they are, for the message (e.g. ``"the model output"``).
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    if not tensors:
+    if all_finite(tensors):
         return
     bad = int(sum((~torch.isfinite(t)).sum() for t in tensors))
-    if bad == 0:
-        return
     total = sum(t.numel() for t in tensors)
     raise NonFiniteError(
         f"{what} has {bad} NaN or Inf entries (of {total}). Check the model and "
         "its inputs for overflow (large inputs or weights, float16 ranges) or "
         "NaNs; in low precision, convert the model to float32 or float64."
     )
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether no entry of ``tensors`` is NaN or Inf (one device synchronisation)."""
+    if not tensors:
+        return True
+    if len(tensors) == 1:
+        return bool(torch.isfinite(tensors[0]).all())
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 @contextmanager

@@ -45,6 +45,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Size, Tensor
 from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map
 
 from curvlinops_fisher.core import ModelFunction, batch_curvature_matmat
 from curvlinops_fisher.data import ModelInput
@@ -121,6 +122,7 @@ class LinearizedBatch:
     scale: float
     output_shape: Size
     vjp_fn: Callable[[Tensor], tuple[tuple[Tensor, ...]]]
+    output: Tensor | None = None
 
     @cached_property
     def scaled_factor(self) -> Tensor:
@@ -148,10 +150,103 @@ class LinearizedBatch:
             Consecutive blocks of rows, each of shape ``[k, P]``.
         """
         itemsize = self.scaled_factor.dtype.itemsize
+        layout = self._per_sample_layout()
+        if layout is not None:
+            num_samples, rows_per_sample = layout
+            row_bytes = (self.dim + prod(self.output_shape) // num_samples) * itemsize
+            step = max(1, chunk_bytes // (row_bytes * rows_per_sample))
+            first = self._per_sample_rows(0, min(step, num_samples), check=True)
+            if first is not None:
+                yield first
+                for start in range(step, num_samples, step):
+                    rows = self._per_sample_rows(start, min(start + step, num_samples))
+                    yield rows
+                return
         row_bytes = (self.dim + prod(self.output_shape)) * itemsize
         step = max(1, chunk_bytes // row_bytes)
         for start in range(0, self.num_rows, step):
             yield self._rows_between(start, min(start + step, self.num_rows))
+
+    def _per_sample_layout(self) -> tuple[int, int] | None:
+        """``(N, rows per data point)`` if the rows can be computed per data point.
+
+        That needs a batched output ``(N, ...)`` whose ``T`` terms are ``T / N`` per
+        data point (:meth:`FisherLoss.flatten` orders them data point by data
+        point), and an input whose tensors all have the leading batch axis ``N``.
+        """
+        if self.output is None or len(self.output_shape) == 0:
+            return None
+        num_samples = self.output_shape[0]
+        T, _, R = self.scaled_factor.shape
+        leaves, _ = tree_flatten(self.X)
+        if (
+            num_samples == 0
+            or T % num_samples != 0
+            or not leaves
+            or not all(
+                isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == num_samples
+                for x in leaves
+            )
+        ):
+            return None
+        return num_samples, T // num_samples * R
+
+    def _per_sample_rows(
+        self, start: int, stop: int, check: bool = False
+    ) -> Tensor | None:
+        r"""Rows of data points ``start:stop``: one VJP per data point (``vmap``).
+
+        Data point ``n`` owns the rows ``n D R`` to ``(n + 1) D R`` (``D`` terms of
+        ``R`` rows); each is the VJP of the data point's own forward pass (a batch of
+        one), so a row costs one data point's backward pass instead of a whole
+        batch's, as with :meth:`_rows_between`. This assumes that the model treats
+        the data points of a batch independently (eval mode: no batch statistics);
+        with ``check=True`` the per-data-point outputs are compared with the batch
+        output first, and ``None`` is returned if they differ or if the model
+        cannot run under ``vmap`` (then :meth:`_rows_between` is used).
+
+        Args:
+            start: First data point.
+            stop: One past the last data point.
+            check: Compare the outputs with the batch output; ``None`` on mismatch.
+
+        Returns:
+            The rows ``[(stop - start) D R, P]``, or ``None`` (see ``check``).
+        """
+        B = self.scaled_factor
+        T, C, R = B.shape
+        num_samples = self.output_shape[0]
+        D = T // num_samples
+        k = stop - start
+        B_k = B[start * D : stop * D].reshape(k, D, C, R)
+        eye = torch.eye(D, dtype=B.dtype, device=B.device)
+        # Cotangent of row (d, r) of data point s: B_k[s, d, :, r] at term d, else 0.
+        W = torch.einsum("sdcr,de->sdrec", B_k, eye).reshape(k, D * R, D, C)
+        cotangents = self.loss.unflatten(W, Size([1, *self.output_shape[1:]]), lead=2)
+        X_k = tree_map(lambda x: x[start:stop], self.X)
+
+        def data_point_rows(x: ModelInput, w: Tensor) -> tuple[Tensor, Tensor]:
+            x1 = tree_map(lambda t: t.unsqueeze(0), x)
+            out, vjp_fn = vjp(lambda p: self.model_function(p, x1), self.params)
+            (grads,) = vmap(vjp_fn)(w)
+            return out, _join_rows(grads)
+
+        try:
+            with torch.no_grad():  # see linearize_batch
+                outputs, rows = vmap(data_point_rows)(X_k, cotangents)
+        except Exception:
+            if check:
+                return None
+            raise
+        if check:
+            batch_out = self.output[start:stop]
+            tol = 1e-3 if outputs.dtype.itemsize < 8 else 1e-9
+            scale = 1.0 + float(batch_out.abs().max()) if batch_out.numel() else 1.0
+            if not torch.allclose(
+                outputs.reshape(batch_out.shape), batch_out, rtol=0, atol=tol * scale
+            ):
+                return None
+        return rows.reshape(k * D * R, -1)
 
     def rows(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         """All rows of the batch, shape ``[T * R, P]`` (computed chunk by chunk)."""
@@ -243,7 +338,16 @@ def linearize_batch(
         loss, loss.flatten(output), loss.flatten_targets(y, output)
     )
     return LinearizedBatch(
-        model_function, params, X, y, loss, output_factor, scale, output.shape, vjp_fn
+        model_function,
+        params,
+        X,
+        y,
+        loss,
+        output_factor,
+        scale,
+        output.shape,
+        vjp_fn,
+        output.detach(),
     )
 
 
@@ -263,24 +367,64 @@ def _split_rows(rows: Tensor, shapes: list[Size]) -> tuple[Tensor, ...]:
 # -------------------------------------------- reductions over chunks of rows
 
 
-def add_gram(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
-    r"""Accumulate :math:`\sum_i \mathbf{U}_i^\top \mathbf{U}_i` into ``out`` ``[P, P]``."""
+#: From this many columns on, :func:`add_gram` multiplies only the lower triangle.
+GRAM_TRIANGLE_MIN_DIM = 1024
+#: Number of column blocks of :func:`add_gram`'s lower-triangle products.
+GRAM_TRIANGLE_BLOCKS = 8
+
+
+def add_gram(
+    chunks: Iterable[Tensor], out: Tensor, blocks: int | None = None
+) -> Tensor:
+    r"""Accumulate :math:`\sum_i \mathbf{U}_i^\top \mathbf{U}_i` into ``out`` ``[P, P]``.
+
+    The result is symmetric, so with ``blocks > 1`` only the lower block triangle is
+    multiplied: column block :math:`[a, b)` gets :math:`\mathbf{U}_{:, a:}^\top
+    \mathbf{U}_{:, a:b}` (rows ``a:``), with block edges that split the triangle into
+    equal areas, which takes :math:`(1 + 1/\text{blocks})/2` of the flops of one
+    full product; the strict upper triangle is then copied from the lower one.
+    ``out`` must be symmetric on entry (it is: zeros, or sums of such Gram
+    matrices).
+
+    Args:
+        chunks: Blocks of rows of :math:`\mathbf{U}`, each ``[k, P]``.
+        out: Symmetric accumulator ``[P, P]``.
+        blocks: Number of column blocks; ``None``: :data:`GRAM_TRIANGLE_BLOCKS` if
+            ``P >= GRAM_TRIANGLE_MIN_DIM``, else one full product per chunk.
+
+    Returns:
+        ``out``.
+    """
+    dim = out.shape[0]
+    if blocks is None:
+        blocks = GRAM_TRIANGLE_BLOCKS if dim >= GRAM_TRIANGLE_MIN_DIM else 1
+    if blocks <= 1:
+        for U in chunks:
+            out.addmm_(U.mT, U)
+        return out
+    edges = sorted(
+        {round(dim * (1 - (1 - i / blocks) ** 0.5)) for i in range(blocks + 1)}
+    )
+    spans = list(zip(edges[:-1], edges[1:]))
     for U in chunks:
-        out.addmm_(U.mT, U)
+        for a, b in spans:
+            out[a:, a:b].addmm_(U[:, a:].mT, U[:, a:b])
+    for a, b in spans:
+        out[a:b, b:] = out[b:, a:b].mT
     return out
 
 
 def add_squared_norm(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
     r"""Accumulate :math:`\sum_i \|\mathbf{U}_i\|_F^2` into the scalar ``out``."""
-    for U in chunks:
-        out.add_(U.square().sum())
+    for U in chunks:  # a norm reduction: no temporary of U's size
+        out.add_(torch.linalg.vector_norm(U).square())
     return out
 
 
 def add_column_squares(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
     r"""Accumulate the squared column norms :math:`\sum_i \sum_j (U_i)_{j:}^2` into ``out``."""
-    for U in chunks:
-        out.add_(U.square().sum(0))
+    for U in chunks:  # a norm reduction: no temporary of U's size
+        out.add_(torch.linalg.vector_norm(U, dim=0).square())
     return out
 
 

@@ -7,6 +7,7 @@ ORDER = [
     "plot_trace_diagonal.py",
     "plot_laplace.py",
     "functional_laplace.py",
+    "laplace_backend.py",
     "plot_huggingface.py",
 ]
 

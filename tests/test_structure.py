@@ -32,8 +32,11 @@ from curvlinops_fisher import (
     structure,
 )
 from curvlinops_fisher.structure import (
+    GRAM_TRIANGLE_MIN_DIM,
     CachedCurvatureLinearOperator,
     FactorMemoryError,
+    LinearizedBatch,
+    add_gram,
 )
 
 #: Operator class, brute-force reference, constructor/reference keyword arguments.
@@ -398,3 +401,86 @@ def test_causal_transformer() -> None:
     torch.testing.assert_close(op.trace(), dense.trace(), **TOL)
     torch.testing.assert_close(op.diagonal(), dense.diagonal(), **TOL)
     assert_eigenpairs(dense, *op.eigh(3, method="gram"), 3)
+
+
+@pytest.mark.parametrize(
+    ("dim", "blocks"),
+    [(23, None), (23, 1), (23, 2), (23, 3), (23, 8), (23, 50)]
+    + [(GRAM_TRIANGLE_MIN_DIM + 3, None)],
+)
+def test_add_gram_lower_triangle_blocks(dim, blocks) -> None:
+    """Block-triangular Gram accumulation equals U^T U (chunks, repeated calls)."""
+    generator = torch.Generator().manual_seed(0)
+    U = torch.randn(37, dim, generator=generator, dtype=torch.float64)
+    V = torch.randn(5, dim, generator=generator, dtype=torch.float64)
+    out = torch.zeros(dim, dim, dtype=torch.float64)
+    add_gram([U[:20], U[20:]], out=out, blocks=blocks)
+    add_gram([V], out=out, blocks=blocks)
+    assert_matrix_close(out, U.T @ U + V.T @ V, rtol=1e-13, atol=1e-13)
+
+
+class _BatchCentered(torch.nn.Module):
+    """Mixes the data points of a batch: subtracts the batch mean of a layer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(3, 4)
+        self.second = torch.nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.first(x))
+        return self.second(h - h.mean(0, keepdim=True))
+
+
+def _count_row_paths(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the rows computed per data point and with whole-batch cotangents."""
+    calls = {"per_data_point": 0, "whole_batch": 0}
+    per_point = LinearizedBatch._per_sample_rows
+    whole = LinearizedBatch._rows_between
+
+    def count_per_point(self, *args, **kwargs):
+        rows = per_point(self, *args, **kwargs)
+        calls["per_data_point"] += rows is not None
+        return rows
+
+    def count_whole(self, *args, **kwargs):
+        calls["whole_batch"] += 1
+        return whole(self, *args, **kwargs)
+
+    monkeypatch.setattr(LinearizedBatch, "_per_sample_rows", count_per_point)
+    monkeypatch.setattr(LinearizedBatch, "_rows_between", count_whole)
+    return calls
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rows_per_data_point_for_independent_data_points(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Models that treat data points independently get their rows per data point."""
+    calls = _count_row_paths(monkeypatch)
+    problem = make_problem("seq", "ce", "mean", "unequal")
+    op = build(kind, problem)
+    assert_matrix_close(op.to_dense(), to_dense(op))
+    assert calls["per_data_point"] > 0 and calls["whole_batch"] == 0
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rows_fall_back_when_data_points_interact(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A model that mixes the data points of a batch gets whole-batch cotangents."""
+    torch.manual_seed(0)
+    model = _BatchCentered().double()
+    data = [
+        (torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 2, (n,)))
+        for n in (4, 3)
+    ]
+    cls, _, kwargs = KINDS[kind]
+    op = cls(
+        model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data, **kwargs
+    )
+    calls = _count_row_paths(monkeypatch)
+    dense = op.to_dense()
+    assert_matrix_close(dense, to_dense(op))
+    torch.testing.assert_close(op.trace(), dense.trace(), **TOL)
+    assert calls["whole_batch"] > 0 and calls["per_data_point"] == 0
