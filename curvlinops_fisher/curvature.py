@@ -26,6 +26,7 @@ functional products of its batches, each times :math:`c_b`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,6 +50,14 @@ from curvlinops_fisher.determinism import (
     check_deterministic as probe_determinism,
 )
 from curvlinops_fisher.determinism import check_modules_in_eval_mode
+from curvlinops_fisher.distributed import (
+    Agreement,
+    ProcessGroupLike,
+    ProcessGroupMixin,
+    RankSeededMCFisherFactor,
+    group_rank,
+    resolve_process_group,
+)
 from curvlinops_fisher.errors import (
     DataError,
     ParameterError,
@@ -67,7 +76,9 @@ from curvlinops_fisher.losses import PerDatumLoss, make_fisher_loss
 from curvlinops_fisher.structure import ExactStructureMixin
 
 
-class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
+class CurvatureLinearOperator(
+    ExactStructureMixin, ProcessGroupMixin, PyTorchLinearOperator
+):
     r"""Base class: a Fisher-family curvature matrix of an empirical risk.
 
     Subclasses only choose the output-space factor (:meth:`_factor_kind`).
@@ -95,6 +106,15 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
             targets only) to find ignored targets and the data set's divisor.
         batch_size_fn: Returns the number of data points of a batch input ``X``.
             Required when ``X`` is not a tensor.
+        process_group: ``None`` (default): one process holds all of ``data``. A
+            ``torch.distributed`` process group, or ``"default"`` for the default
+            group: each rank passes its own shard as ``data`` (it may be empty on
+            some ranks) and the operator is the curvature of the concatenated
+            shards, in rank order; ``num_data`` is then the global number of data
+            points (counted over all ranks if ``None``). Construction, products and
+            the exact structure are collective calls (see
+            :mod:`curvlinops_fisher.distributed`); a product costs one
+            ``all_reduce`` of its result.
 
     Attributes:
         max_columns_per_pass: Most matrix columns that share one forward pass (each
@@ -115,8 +135,39 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         check_deterministic: bool = True,
         num_data: int | None = None,
         batch_size_fn: BatchSizeFn | None = None,
+        *,
+        process_group: ProcessGroupLike = None,
     ):
         """Set up the operator (see the class docstring for the arguments)."""
+        self._process_group = resolve_process_group(process_group)
+        self._rank = group_rank(self._process_group)
+        with Agreement(self._process_group, f"{type(self).__name__}()") as agreement:
+            self._setup(
+                model_func,
+                loss_func,
+                params,
+                data,
+                progressbar,
+                check_deterministic,
+                batch_size_fn,
+            )
+            agreement.share(self._scan_data(num_data))
+        self._N_data, divisor, needed = agreement.combine_scans(num_data)
+        self._loss.normalizer = self._loss.normalizer_from_count(divisor, needed)
+        if not (isinstance(self._N_data, int) and self._N_data > 0):
+            raise DataError(f"num_data must be a positive int; got {num_data!r}.")
+
+    def _setup(
+        self,
+        model_func: Module,
+        loss_func: Module,
+        params: list[Tensor],
+        data: Iterable[Batch],
+        progressbar: bool,
+        check_deterministic: bool,
+        batch_size_fn: BatchSizeFn | None,
+    ) -> None:
+        """Validate the arguments on this rank's data (no collectives)."""
         self._loss = make_fisher_loss(loss_func)
         self._loss_func = loss_func
         if not isinstance(model_func, Module):
@@ -136,20 +187,21 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
 
         if check_deterministic:  # before any forward pass changes BatchNorm stats
             check_modules_in_eval_mode(model_func)
-        X, y = first_batch(data, self.device)
-        if isinstance(X, Mapping) and batch_size_fn is None:
-            raise DataError(
-                "The batch inputs X are mappings, so batch_size_fn is required, e.g. "
-                "batch_size_fn=lambda X: X['input_ids'].shape[0]."
-            )
-        self._check_params_used(X, y)
+        batch = first_batch(
+            data, self.device, allow_empty=self._process_group is not None
+        )
+        if batch is not None:  # None: an empty shard of distributed data
+            X, y = batch
+            if isinstance(X, Mapping) and batch_size_fn is None:
+                raise DataError(
+                    "The batch inputs X are mappings, so batch_size_fn is required, "
+                    "e.g. batch_size_fn=lambda X: X['input_ids'].shape[0]."
+                )
+            self._check_params_used(X, y)
         self._targets_checked = False
         if check_deterministic:
             probe_determinism(model_func, self._batches, self._checked_forward)
             self._targets_checked = True
-        self._N_data = self._scan_data(num_data)
-        if not (isinstance(self._N_data, int) and self._N_data > 0):
-            raise DataError(f"num_data must be a positive int; got {num_data!r}.")
 
     # ------------------------------------------------------------ properties
     @property
@@ -169,20 +221,31 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply onto a matrix in tensor list format with a trailing column axis."""
-        check_finite(M, "The vector or matrix multiplied onto the operator")
         V = tuple(m.movedim(-1, 0) for m in M)
+        result = self._sum_over_ranks(
+            lambda: self._local_matmat(V), [v.shape for v in V]
+        )
+        return [r.movedim(0, -1) for r in result]
+
+    def _local_matmat(self, V: tuple[Tensor, ...]) -> list[Tensor]:
+        """This rank's part of the product with ``V`` (leading column axis).
+
+        Raises:
+            NonFiniteError: If ``V`` or the part holds NaN or Inf (naming the batch).
+        """
+        check_finite(V, "The vector or matrix multiplied onto the operator")
         result = self._accumulate_matmat(V, check_batches=False)
         if not all_finite(result):
             # Find the batch to name in the error: a second pass that checks each
             # batch's contribution (only on this error path).
             self._accumulate_matmat(V, check_batches=True)
             check_finite(result, "The product (a sum of finite batch contributions)")
-        return [r.movedim(0, -1) for r in result]
+        return result
 
     def _accumulate_matmat(
         self, V: tuple[Tensor, ...], check_batches: bool
     ) -> list[Tensor]:
-        """Sum the batches' products onto ``V`` (leading column axis).
+        """Sum this rank's batches' products onto ``V`` (leading column axis).
 
         Args:
             V: Matrix in tensor list format with a leading column axis.
@@ -226,10 +289,21 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
         ``mean`` over the concatenated data set, see
         :meth:`~curvlinops_fisher.losses.FisherLoss.batch_scale`).
 
+        With a process group, the sum over the ranks' shards (one ``all_reduce``).
+
         Returns:
             The gradient w.r.t. ``params`` (tensor list) and the risk (a scalar).
         """
         params = self._param_values()
+        *gradient, total = self._sum_over_ranks(
+            lambda: self._local_gradient_and_loss(params),
+            [*(p.shape for p in params), ()],
+            "gradient_and_loss()",
+        )
+        return gradient, total
+
+    def _local_gradient_and_loss(self, params: tuple[Tensor, ...]) -> list[Tensor]:
+        """Gradient and risk of this rank's shard, as one tensor list."""
         gradient = [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=self.dtype, device=self.device)
 
@@ -243,7 +317,7 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
             total += value
             for acc, g in zip(gradient, batch_grad):
                 acc.add_(g)
-        return gradient, total
+        return [*gradient, total]
 
     # --------------------------------------------------------------- helpers
     def _param_values(self) -> tuple[Tensor, ...]:
@@ -256,15 +330,22 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
     def _batch_size(self, X: object) -> int:
         return default_batch_size_fn(self._batch_size_fn, X)
 
-    def _scan_data(self, num_data: int | None) -> int | None:
-        """Infer ``num_data`` if ``None``, and set the loss's data set normalizer.
+    def _scan_data(self, num_data: int | None) -> tuple[Any, float, bool]:
+        """This rank's data scan: its number of data points and ``mean`` divisor.
 
-        One pass over the data, only if needed: to count the data points, or for
-        a ``mean`` whose divisor depends on the targets (see
-        :meth:`~curvlinops_fisher.losses.FisherLoss.data_normalizer`).
+        One pass over this rank's data, only if needed: to count the data points, or
+        for a ``mean`` whose divisor depends on the targets (see
+        :meth:`~curvlinops_fisher.losses.FisherLoss.data_normalizer`). ``__init__``
+        combines the ranks' scans (sums and OR) and sets the loss's normalizer.
+
+        Returns:
+            ``num_data`` if given, else the number of this rank's data points; the
+            summed divisor of this rank's targets and whether they need the data
+            set's divisor (:meth:`~curvlinops_fisher.losses.FisherLoss.count_targets`;
+            ``0.0`` and ``False`` without a pass).
         """
         if num_data is not None and not self._loss.scans_targets:
-            return num_data
+            return num_data, 0.0, False
         sizes = []
 
         def targets() -> Iterator[Tensor]:
@@ -272,8 +353,8 @@ class CurvatureLinearOperator(ExactStructureMixin, PyTorchLinearOperator):
                 sizes.append(self._batch_size(X) if num_data is None else 0)
                 yield y
 
-        self._loss.normalizer = self._loss.data_normalizer(targets())
-        return sum(sizes) if num_data is None else num_data
+        divisor, needed = self._loss.count_targets(targets())
+        return (sum(sizes) if num_data is None else num_data), divisor, needed
 
     def _checked_forward(self, batch: Batch) -> Tensor:
         """The model output of a batch, after validating the batch's targets."""
@@ -369,6 +450,7 @@ class EFLinearOperator(CurvatureLinearOperator):
         batch_size_fn: See :class:`CurvatureLinearOperator`.
         per_datum: Gradients of data points instead of loss terms (keyword only).
             Default: ``False``.
+        process_group: See :class:`CurvatureLinearOperator`.
     """
 
     def __init__(
@@ -383,6 +465,7 @@ class EFLinearOperator(CurvatureLinearOperator):
         batch_size_fn: BatchSizeFn | None = None,
         *,
         per_datum: bool = False,
+        process_group: ProcessGroupLike = None,
     ):
         """Set up the operator (see the class docstring for the arguments)."""
         if not isinstance(per_datum, bool):
@@ -396,6 +479,7 @@ class EFLinearOperator(CurvatureLinearOperator):
             check_deterministic=check_deterministic,
             num_data=num_data,
             batch_size_fn=batch_size_fn,
+            process_group=process_group,
         )
         self._per_datum = per_datum
         if per_datum:
@@ -441,6 +525,17 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         mc_samples: Number ``M`` of would-be gradients per loss term. Default: ``1``.
         num_data: See :class:`CurvatureLinearOperator`.
         batch_size_fn: See :class:`CurvatureLinearOperator`.
+        process_group: See :class:`CurvatureLinearOperator`. With a group the sample
+            is drawn differently (see below).
+
+    With a process group, batch ``i`` of rank ``r``'s shard (in data order) draws its
+    sample from a generator seeded with
+    :func:`~curvlinops_fisher.distributed.rank_batch_seed` ``(seed, r, i)`` at the
+    start of that batch. The operator is then the MC Fisher of the concatenated
+    data with this sample: deterministic, independent of the products taken before,
+    and a function of ``seed`` and of how the batches are laid out over the ranks.
+    It is a different (equally valid) sample than the single-process operator's,
+    whose one generator runs through all batches.
     """
 
     FIXED_DATA_ORDER: bool = True
@@ -457,6 +552,8 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
         mc_samples: int = 1,
         num_data: int | None = None,
         batch_size_fn: Callable | None = None,
+        *,
+        process_group: ProcessGroupLike = None,
     ):
         """Set up the operator (see the class docstring for the arguments)."""
         _check_positive_int("mc_samples", mc_samples)
@@ -474,6 +571,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             check_deterministic=check_deterministic,
             num_data=num_data,
             batch_size_fn=batch_size_fn,
+            process_group=process_group,
         )
 
     @property
@@ -488,6 +586,10 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
 
     def _factor_kind(self) -> OutputFactorKind:  # noqa: D102
         _check_positive_int("mc_samples", self._mc_samples)
+        if self._process_group is not None:
+            return RankSeededMCFisherFactor(
+                self._mc_samples, self._seed, self._rank, self.device
+            )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self._seed)
         return MCFisherFactor(self._mc_samples, generator)

@@ -67,11 +67,20 @@ def iterate_batches(
         yield to_device(X, device), to_device(y, device)
 
 
-def first_batch(data: Iterable[Batch], device: torch.device) -> Batch:
+def first_batch(
+    data: Iterable[Batch], device: torch.device, allow_empty: bool = False
+) -> Batch | None:
     """Return the first batch of ``data`` on ``device``.
 
+    Args:
+        data: The data.
+        device: Where to put the batch.
+        allow_empty: Return ``None`` for empty ``data`` instead of raising (a rank's
+            shard of distributed data may be empty).
+
     Raises:
-        DataError: If ``data`` is empty or an iterator that can be consumed only once.
+        DataError: If ``data`` is empty (unless ``allow_empty``) or an iterator that
+            can be consumed only once.
     """
     if iter(data) is data:
         raise DataError(
@@ -80,6 +89,8 @@ def first_batch(data: Iterable[Batch], device: torch.device) -> Batch:
         )
     for X, y in iterate_batches(data, device):
         return X, y
+    if allow_empty:
+        return None
     raise DataError("data is empty: pass at least one batch (X, y).")
 
 

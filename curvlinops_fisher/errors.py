@@ -104,3 +104,32 @@ def naming_batch(index: int) -> Iterator[None]:
         raise NonFiniteError(
             f"Batch {index} (0-based, in data order): {error}"
         ) from None
+
+
+class DistributedError(RuntimeError):
+    """An operator's collective call failed on some rank, or the group is unusable.
+
+    Raised on *every* rank of the process group when one of them fails, so that no
+    rank waits forever for the others.
+
+    Attributes:
+        failures: The failing ranks and their errors (``type: message``).
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None):
+        """Store the message and the failing ranks."""
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+    @classmethod
+    def from_failures(cls, what: str, failures: dict[int, str]) -> DistributedError:
+        """The error for ``failures`` (rank -> report) while doing ``what``."""
+        lines = "\n".join(
+            f"  rank {rank}: {report}" for rank, report in failures.items()
+        )
+        ranks = ", ".join(str(rank) for rank in failures)
+        return cls(
+            f"{what} failed on rank(s) {ranks} of the process group, so it fails on "
+            f"every rank:\n{lines}",
+            failures,
+        )

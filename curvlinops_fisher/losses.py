@@ -174,10 +174,40 @@ class FisherLoss(ABC):
             TargetError: If :math:`D = 0` (every target ignored): PyTorch's loss is
                 ``nan`` then.
         """
+        return self.normalizer_from_count(*self.count_targets(targets))
+
+    def count_targets(self, targets: Iterable[Tensor]) -> tuple[float, bool]:
+        r"""The two sums behind :meth:`data_normalizer`, for part of the data set.
+
+        Data-parallel operators count each rank's shard, sum the divisors and OR the
+        flags over the ranks, then call :meth:`normalizer_from_count`.
+
+        Args:
+            targets: The targets of every batch, in any order; always consumed in full.
+
+        Returns:
+            :math:`\sum_b D_b` (:meth:`mean_denominator`) and whether any batch's
+            targets need the data set's divisor (:meth:`uses_global_mean`).
+        """
         total, needed = 0.0, False
         for y in targets:  # consumed in full, also when the answer is None
             total += self.mean_denominator(y)
             needed = needed or self.uses_global_mean(y)
+        return total, needed
+
+    def normalizer_from_count(self, total: float, needed: bool) -> float | None:
+        """:meth:`data_normalizer` from the whole data set's :meth:`count_targets`.
+
+        Args:
+            total: The data set's summed divisor :math:`D`.
+            needed: Whether any batch's targets need it.
+
+        Returns:
+            :math:`D`, or ``None``.
+
+        Raises:
+            TargetError: If ``needed`` and :math:`D = 0` (see :meth:`data_normalizer`).
+        """
         if self.reduction == "sum" or not needed:
             return None
         if total <= 0:

@@ -42,13 +42,19 @@ from typing import Literal
 
 import numpy
 import torch
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Size, Tensor
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from curvlinops_fisher.core import ModelFunction, batch_curvature_matmat
 from curvlinops_fisher.data import ModelInput
+from curvlinops_fisher.distributed import (
+    ProcessGroupLike,
+    ProcessGroupMixin,
+    resolve_process_group,
+    solve_on_root,
+)
 from curvlinops_fisher.errors import FactorMemoryError, naming_batch
 from curvlinops_fisher.factors import (
     BatchOutputFactor,
@@ -463,7 +469,10 @@ def prefer_gram(num_rows: int, dim: int, itemsize: int, max_bytes: int) -> bool:
 def eigsh_top(op: PyTorchLinearOperator, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest eigenpairs with SciPy's ``eigsh`` (Lanczos, products only).
 
-    The start vector is drawn from a fixed seed, so the result is reproducible.
+    The start vector is drawn from a fixed seed, so the result is reproducible. If
+    ``op`` has a process group, rank 0 runs ``eigsh`` while the other ranks serve its
+    products (:func:`~curvlinops_fisher.distributed.solve_on_root`), and every rank
+    returns the result.
 
     Args:
         op: A symmetric operator.
@@ -475,20 +484,44 @@ def eigsh_top(op: PyTorchLinearOperator, k: int) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: If ``k >= P`` (ARPACK needs ``k < P``).
     """
-    dim = op.shape[1]
+    _check_eigsh_k(k, op.shape[1])
+    if getattr(op, "process_group", None) is None:
+        values, vectors = _eigsh_numpy(op.to_scipy(), k)
+    else:  # one rank runs Lanczos, the others serve its products
+        values, vectors = solve_on_root(op, lambda A: _eigsh_numpy(A, k))
+    return (
+        torch.as_tensor(values, dtype=op.dtype, device=op.device),
+        torch.as_tensor(vectors, dtype=op.dtype, device=op.device),
+    )
+
+
+def _check_eigsh_k(k: int, dim: int) -> None:
+    """ARPACK needs ``k < P``."""
     if k >= dim:
         raise ValueError(
             f"eigsh needs k < P = {dim}; got k={k}. Use method='gram', or "
             "torch.linalg.eigh(op.to_dense()) for all eigenpairs."
         )
-    scipy_op = op.to_scipy()
-    v0 = numpy.random.default_rng(_EIGH_SEED).standard_normal(dim)
+
+
+def _eigsh_numpy(
+    scipy_op: LinearOperator, k: int
+) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """``eigsh`` from a fixed start vector; eigenpairs in descending order."""
+    v0 = numpy.random.default_rng(_EIGH_SEED).standard_normal(scipy_op.shape[1])
     values, vectors = eigsh(scipy_op, k=k, which="LA", v0=v0.astype(scipy_op.dtype))
     order = numpy.argsort(values)[::-1]
-    return (
-        torch.as_tensor(values[order].copy(), dtype=op.dtype, device=op.device),
-        torch.as_tensor(vectors[:, order].copy(), dtype=op.dtype, device=op.device),
-    )
+    return values[order].copy(), vectors[:, order].copy()
+
+
+def _check_distributed_eigh(op: ProcessGroupMixin, method: str) -> None:
+    """With a process group, the Gram path is unavailable (it needs all rows)."""
+    if op.process_group is not None and method == "gram":
+        raise ValueError(
+            "eigh(method='gram') needs all rows of the factor U on one process, but "
+            "with a process_group every rank holds only its own. Use method='eigsh' "
+            "(or 'auto', which takes eigsh with a process_group)."
+        )
 
 
 def gram_eigh(
@@ -562,6 +595,14 @@ class ExactStructureMixin:
     consumed do not disturb it), hence all methods see the sample products use.
 
     :meth:`cached` returns an operator that keeps :math:`\mathbf{U}`.
+
+    With a process group (data-parallel operators), :math:`\mathbf{U}` is split by
+    rows over the ranks, :math:`\mathbf{A} = \sum_r \mathbf{U}_r^\top\mathbf{U}_r`:
+    :meth:`to_dense`, :meth:`trace` and :meth:`diagonal` sum the ranks' parts with one
+    ``all_reduce`` and return the global result on every rank; :meth:`factor` and
+    :meth:`factor_batches` return this rank's rows :math:`\mathbf{U}_r` only;
+    :meth:`cached` keeps each rank's rows on that rank; :meth:`eigh` uses ``eigsh``.
+    All of these are collective calls.
     """
 
     # -------------------------------------------------------------- passes
@@ -612,7 +653,8 @@ class ExactStructureMixin:
             chunk_bytes: Memory budget of one chunk of rows (default 256 MiB).
 
         Yields:
-            :math:`\mathbf{U}_b` of shape ``[T_b * R, P]``, in data order.
+            :math:`\mathbf{U}_b` of shape ``[T_b * R, P]``, in data order. With a
+            process group: the batches of this rank's shard only (no communication).
         """
         for batch in self._linearized_batches():
             yield batch.rows(chunk_bytes)
@@ -625,9 +667,12 @@ class ExactStructureMixin:
 
         Returns:
             :math:`\mathbf{U}`, shape ``[n, P]``: the blocks of
-            :meth:`factor_batches`, stacked.
+            :meth:`factor_batches`, stacked. With a process group: this rank's rows
+            :math:`\mathbf{U}_r` only (``[0, P]`` for an empty shard), with
+            :math:`\mathbf{A} = \sum_r \mathbf{U}_r^\top\mathbf{U}_r`.
         """
-        return torch.cat(list(self.factor_batches(chunk_bytes=chunk_bytes)))
+        blocks = list(self.factor_batches(chunk_bytes=chunk_bytes))
+        return torch.cat(blocks) if blocks else self._zeros(0, self.shape[1])
 
     def cached(
         self, max_bytes: int | None = None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -646,6 +691,10 @@ class ExactStructureMixin:
         Returns:
             The cached operator.
 
+        With a process group, each rank keeps its own rows and ``max_bytes`` bounds
+        each rank's rows; the cached operator's products, dense matrix, trace and
+        diagonal are collective (one ``all_reduce`` each), like this operator's.
+
         Raises:
             FactorMemoryError: If :math:`\mathbf{U}` needs more than ``max_bytes``
                 (a ``MemoryError`` and ``ValueError``; the message gives the bytes).
@@ -657,7 +706,9 @@ class ExactStructureMixin:
                     num_rows, self.shape[1], self.dtype.itemsize, max_bytes
                 )
         U = self.factor(chunk_bytes=chunk_bytes)
-        return CachedCurvatureLinearOperator(U, [tuple(s) for s in self._in_shape])
+        return CachedCurvatureLinearOperator(
+            U, [tuple(s) for s in self._in_shape], process_group=self._process_group
+        )
 
     # ------------------------------------------------------ exact structure
     def to_dense(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
@@ -677,13 +728,17 @@ class ExactStructureMixin:
             :math:`\mathbf{A}`, equal to ``self @ torch.eye(P)`` up to rounding.
         """
         dim = self.shape[1]
-        dense = self._zeros(dim, dim)
-        for batch in self._linearized_batches():
-            if batch.num_rows <= dim:
-                add_gram(batch.chunks(chunk_bytes), out=dense)
-            else:
-                self._add_batch_columns(batch, dense, chunk_bytes)
-        return dense
+
+        def local_dense() -> Tensor:
+            dense = self._zeros(dim, dim)
+            for batch in self._linearized_batches():
+                if batch.num_rows <= dim:
+                    add_gram(batch.chunks(chunk_bytes), out=dense)
+                else:
+                    self._add_batch_columns(batch, dense, chunk_bytes)
+            return dense
+
+        return self._summed(local_dense, dim, dim)
 
     def _add_batch_columns(
         self, batch: LinearizedBatch, dense: Tensor, chunk_bytes: int
@@ -710,7 +765,9 @@ class ExactStructureMixin:
         Returns:
             A scalar tensor.
         """
-        return add_squared_norm(self._factor_chunks(chunk_bytes), out=self._zeros())
+        return self._summed(
+            lambda: add_squared_norm(self._factor_chunks(chunk_bytes), self._zeros())
+        )
 
     def diagonal(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         r"""The exact diagonal :math:`A_{ii} = \sum_j U_{ji}^2`.
@@ -721,8 +778,12 @@ class ExactStructureMixin:
         Returns:
             A tensor ``[P]`` (flat parameter order).
         """
-        return add_column_squares(
-            self._factor_chunks(chunk_bytes), out=self._zeros(self.shape[1])
+        dim = self.shape[1]
+        return self._summed(
+            lambda: add_column_squares(
+                self._factor_chunks(chunk_bytes), self._zeros(dim)
+            ),
+            dim,
         )
 
     def eigh(
@@ -750,7 +811,8 @@ class ExactStructureMixin:
 
         ``'auto'`` counts the rows ``n`` (one pass of forward passes) and takes the
         Gram path if ``n <= P / 2`` and the Gram matrix fits ``max_bytes``, else
-        ``eigsh``.
+        ``eigsh``. With a process group, ``'auto'`` takes ``eigsh`` (rank 0 drives
+        Lanczos, every rank returns the result) and ``'gram'`` is an error.
 
         Args:
             k: Number of eigenpairs, ``1 <= k <= P`` (``k < P`` for ``eigsh``).
@@ -767,7 +829,8 @@ class ExactStructureMixin:
         """
         dim = self.shape[1]
         _check_eigh_args(k, dim, method)
-        if method != "eigsh":
+        _check_distributed_eigh(self, method)
+        if method != "eigsh" and self._process_group is None:
             counts = self._row_counts()
             num_rows = sum(counts)
             itemsize = self.dtype.itemsize
@@ -822,7 +885,7 @@ class ExactStructureMixin:
 # --------------------------------------------------------- cached operator
 
 
-class CachedCurvatureLinearOperator(PyTorchLinearOperator):
+class CachedCurvatureLinearOperator(ProcessGroupMixin, PyTorchLinearOperator):
     r"""A curvature matrix :math:`\mathbf{A} = \mathbf{U}^\top\mathbf{U}` with ``U`` held.
 
     Created by :meth:`ExactStructureMixin.cached`. A product costs two matrix
@@ -831,16 +894,30 @@ class CachedCurvatureLinearOperator(PyTorchLinearOperator):
     :meth:`eigh` use the held factor with the same functions as the streaming
     operator.
 
+    With a process group, ``U`` holds this rank's rows :math:`\mathbf{U}_r` and the
+    matrix is :math:`\sum_r \mathbf{U}_r^\top\mathbf{U}_r`: products, :meth:`to_dense`,
+    :meth:`trace` and :meth:`diagonal` sum the ranks' parts (one ``all_reduce``) and
+    are collective calls; :meth:`eigh` uses ``eigsh``.
+
     Args:
         U: The factor, shape ``[n, P]``.
         shapes: The parameter shapes (the operator's list structure).
+        process_group: A ``torch.distributed`` process group (or ``"default"``)
+            over whose ranks the rows of ``U`` are split; ``None``: one process.
     """
 
     SELF_ADJOINT: bool = True
 
-    def __init__(self, U: Tensor, shapes: list[tuple[int, ...]]):
+    def __init__(
+        self,
+        U: Tensor,
+        shapes: list[tuple[int, ...]],
+        *,
+        process_group: ProcessGroupLike = None,
+    ):
         """Store the factor (see the class docstring)."""
         super().__init__(shapes, shapes)
+        self._process_group = resolve_process_group(process_group)
         if U.ndim != 2 or U.shape[1] != self.shape[1]:
             raise ValueError(
                 f"U must have shape [n, P] with P = {self.shape[1]}; got "
@@ -861,24 +938,30 @@ class CachedCurvatureLinearOperator(PyTorchLinearOperator):
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply onto a matrix in tensor list format with a trailing column axis."""
         X = _list_to_flat(M, self._in_shape_flat)
-        return _flat_to_list(self._U.mT @ (self._U @ X), self._out_shape)
+        (AX,) = self._sum_over_ranks(lambda: [self._U.mT @ (self._U @ X)], [X.shape])
+        return _flat_to_list(AX, self._out_shape)
 
     def factor(self) -> Tensor:
-        r"""The held factor :math:`\mathbf{U}` ``[n, P]`` (not a copy)."""
+        r"""The held factor :math:`\mathbf{U}` ``[n, P]`` (not a copy; this rank's rows)."""
         return self._U
+
+    def _reduce_rows(self, reduce: Callable[..., Tensor], *shape: int) -> Tensor:
+        """``reduce([U], out=zeros(shape))``, summed over the ranks."""
+        return self._summed(
+            lambda: reduce([self._U], out=self._U.new_zeros(shape)), *shape
+        )
 
     def to_dense(self) -> Tensor:
         r"""The matrix :math:`\mathbf{U}^\top\mathbf{U}`, ``[P, P]``."""
-        dim = self.shape[1]
-        return add_gram([self._U], out=self._U.new_zeros(dim, dim))
+        return self._reduce_rows(add_gram, self.shape[1], self.shape[1])
 
     def trace(self) -> Tensor:
         r"""The exact trace :math:`\|\mathbf{U}\|_F^2` (a scalar tensor)."""
-        return add_squared_norm([self._U], out=self._U.new_zeros(()))
+        return self._reduce_rows(add_squared_norm)
 
     def diagonal(self) -> Tensor:
         """The exact diagonal (squared column norms of ``U``), ``[P]``."""
-        return add_column_squares([self._U], out=self._U.new_zeros(self.shape[1]))
+        return self._reduce_rows(add_column_squares, self.shape[1])
 
     def eigh(
         self,
@@ -901,9 +984,11 @@ class CachedCurvatureLinearOperator(PyTorchLinearOperator):
         """
         dim = self.shape[1]
         _check_eigh_args(k, dim, method)
+        _check_distributed_eigh(self, method)
         num_rows = self._U.shape[0]
         if method == "gram" or (
-            method == "auto"
+            self._process_group is None
+            and method == "auto"
             and prefer_gram(num_rows, dim, self.dtype.itemsize, max_bytes)
         ):
             return factor_eigh(self._U, k)
