@@ -461,7 +461,12 @@ def prefer_gram(num_rows: int, dim: int, itemsize: int, max_bytes: int) -> bool:
     """Whether ``eigh(method='auto')`` takes the Gram path.
 
     It does when the factor is short (``n <= P / 2``) and the ``n x n`` Gram matrix
-    fits ``max_bytes``.
+    fits ``max_bytes``. This is a rule of size, not of time: the Gram matrix costs
+    :math:`n^2 P / 2` multiply-adds, Lanczos about 25 products for ``k = 5``. When a
+    product is cheap next to :math:`n P` (an MLP, whose product costs about
+    :math:`3 N P`, with many data points) ``method='eigsh'`` can be faster; for models
+    with weight sharing (convolutions, sequence models) the Gram path wins (see
+    ``benchmarks/RESULTS.md``).
     """
     return 2 * num_rows <= dim and num_rows**2 * itemsize <= max_bytes
 
