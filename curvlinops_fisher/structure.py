@@ -46,6 +46,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Size, Tensor
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
 from curvlinops_fisher.core import ModelFunction, batch_curvature_matmat
 from curvlinops_fisher.data import ModelInput
@@ -457,18 +458,47 @@ def _check_eigh_args(k: object, dim: int, method: object) -> None:
         raise ValueError(f"method must be one of {_EIGH_METHODS}; got {method!r}.")
 
 
-def prefer_gram(num_rows: int, dim: int, itemsize: int, max_bytes: int) -> bool:
-    """Whether ``eigh(method='auto')`` takes the Gram path.
+def prefer_gram(
+    num_rows: int,
+    dim: int,
+    itemsize: int,
+    max_bytes: int,
+    k: int = 1,
+    num_data: int = 0,
+    flops_per_point: float = 0.0,
+) -> bool:
+    r"""Whether ``eigh(method='auto')`` takes the Gram path.
 
-    It does when the factor is short (``n <= P / 2``) and the ``n x n`` Gram matrix
-    fits ``max_bytes``. This is a rule of size, not of time: the Gram matrix costs
-    :math:`n^2 P / 2` multiply-adds, Lanczos about 25 products for ``k = 5``. When a
-    product is cheap next to :math:`n P` (an MLP, whose product costs about
-    :math:`3 N P`, with many data points) ``method='eigsh'`` can be faster; for models
-    with weight sharing (convolutions, sequence models) the Gram path wins (see
-    ``benchmarks/RESULTS.md``).
+    Only if the factor is short (``n <= P / 2``) and the ``n x n`` Gram matrix fits
+    ``max_bytes``. Then, if the model's forward pass costs ``flops_per_point > 0``
+    per data point (counted by PyTorch's flop counter), the path with fewer
+    floating-point operations: the Gram path costs the rows' VJPs and the Gram matrix,
+    :math:`2 n f + n^2 P`, Lanczos about :math:`(20 + 2k)` products of
+    :math:`3 N f` each (forward, forward-mode and backward pass over ``N`` data
+    points). So models with weight sharing (convolutions, sequence models), whose
+    forward pass costs far more than :math:`P` per data point, take the Gram path even
+    for many rows, while an MLP with many data points takes Lanczos.
+
+    Args:
+        num_rows: ``n``, the number of factor rows.
+        dim: ``P``.
+        itemsize: Bytes per number.
+        max_bytes: Memory budget of the Gram path.
+        k: Number of eigenpairs.
+        num_data: ``N``, the number of data points.
+        flops_per_point: Floating-point operations of the forward pass per data
+            point (``0``: unknown, decide by size only).
+
+    Returns:
+        Whether to take the Gram path.
     """
-    return 2 * num_rows <= dim and num_rows**2 * itemsize <= max_bytes
+    if 2 * num_rows > dim or num_rows**2 * itemsize > max_bytes:
+        return False
+    if flops_per_point <= 0 or num_data <= 0:
+        return True
+    gram_flops = 2 * num_rows * flops_per_point + num_rows**2 * dim
+    lanczos_flops = (20 + 2 * k) * 3 * num_data * flops_per_point
+    return gram_flops <= lanczos_flops
 
 
 def eigsh_top(op: PyTorchLinearOperator, k: int) -> tuple[Tensor, Tensor]:
@@ -638,6 +668,18 @@ class ExactStructureMixin:
     def _row_counts(self) -> list[int]:
         """Number of factor rows of each batch (one pass of forwards, no VJPs)."""
         return [batch.num_rows for batch in self._linearized_batches()]
+
+    def _forward_flops_per_point(self) -> float:
+        """Floating-point operations of the forward pass per data point (first batch).
+
+        Counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products,
+        convolutions, attention); ``0.0`` if nothing was counted.
+        """
+        X, _ = next(iter(self._batches("flops")))
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            self._model_function(self._param_values(), X)
+        return counter.get_total_flops() / max(1, self._batch_size(X))
 
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -815,7 +857,8 @@ class ExactStructureMixin:
           which needs ``k < P``.
 
         ``'auto'`` counts the rows ``n`` (one pass of forward passes) and takes the
-        Gram path if ``n <= P / 2`` and the Gram matrix fits ``max_bytes``, else
+        Gram path if ``n <= P / 2``, the Gram matrix fits ``max_bytes`` and it needs
+        fewer floating-point operations than Lanczos (:func:`prefer_gram`), else
         ``eigsh``. With a process group, ``'auto'`` takes ``eigsh`` (rank 0 drives
         Lanczos, every rank returns the result) and ``'gram'`` is an error.
 
@@ -839,7 +882,15 @@ class ExactStructureMixin:
             counts = self._row_counts()
             num_rows = sum(counts)
             itemsize = self.dtype.itemsize
-            if method == "gram" or prefer_gram(num_rows, dim, itemsize, max_bytes):
+            if method == "gram" or prefer_gram(
+                num_rows,
+                dim,
+                itemsize,
+                max_bytes,
+                k=k,
+                num_data=self._N_data,
+                flops_per_point=self._forward_flops_per_point(),
+            ):
                 if num_rows * dim * itemsize <= max_bytes:
                     return factor_eigh(self.factor(chunk_bytes=chunk_bytes), k)
                 return gram_eigh(

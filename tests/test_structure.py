@@ -484,3 +484,32 @@ def test_rows_fall_back_when_data_points_interact(
     assert_matrix_close(dense, to_dense(op))
     torch.testing.assert_close(op.trace(), dense.trace(), **TOL)
     assert calls["whole_batch"] > 0 and calls["per_data_point"] == 0
+
+
+def test_eigh_auto_weighs_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short factor with many rows next to a cheap forward pass goes to eigsh.
+
+    MLP 20-20-5 (P = 525) on 250 points, EF: n = 250 <= P / 2, but the Gram matrix
+    (n^2 P) costs more than Lanczos's products (about 30 * 3 N f, f = 2 P per point).
+    Forcing the Gram path gives the same eigenpairs.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 20), torch.nn.Tanh(), torch.nn.Linear(20, 5)
+    ).double()
+    data = [
+        (torch.randn(125, 20, dtype=torch.float64), torch.randint(0, 5, (125,)))
+        for _ in range(2)
+    ]
+    op = EFLinearOperator(
+        model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data
+    )
+    gram, lanczos = (_spy(monkeypatch, name) for name in ("factor_eigh", "eigsh_top"))
+    dense = op.to_dense()
+    values, vectors = op.eigh(3)
+    assert (len(gram), len(lanczos)) == (0, 1)
+    assert_eigenpairs(dense, values, vectors, 3)
+    forced_values, _ = op.eigh(3, method="gram")
+    assert len(gram) == 1
+    torch.testing.assert_close(forced_values, values, rtol=1e-9, atol=1e-12)
+    assert structure.prefer_gram(250, 525, 8, 2**30) is True  # size rule alone
