@@ -275,10 +275,10 @@ def check_errors(rank: int, world_size: int) -> None:
         op @ v
     if rank == world_size - 1:
         del op._local_matmat
-        op._factor_chunks = broken
+        op._structured_batches = broken
     with pytest.raises(DistributedError, match="boom in the local product"):
         op.trace()
-    op.__dict__.pop("_factor_chunks", None)
+    op.__dict__.pop("_structured_batches", None)
     # the group is still in step: the next product works
     assert_close(op @ v, expected, "product after an error")
 

@@ -176,6 +176,7 @@ def test_eigh_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """'auto' picks the Gram path for short factors; held, streamed and eigsh agree."""
     problem = make_problem("mlp_tanh", "ce", "mean", "unequal")
     op = build("ef", problem)  # n = 10 rows, P = 43
+    op.__dict__["_linear_layout"] = None  # explicit rows (Kronecker: test_kronecker)
     n, P = 10, problem.dim
     brute_force = reference("ef", problem)
     gram, held, lanczos = (
@@ -504,6 +505,8 @@ def test_eigh_auto_weighs_flops(monkeypatch: pytest.MonkeyPatch) -> None:
     op = EFLinearOperator(
         model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data
     )
+    # explicit rows; in Kronecker form the Gram path wins (test_kronecker)
+    op.__dict__["_linear_layout"] = None
     gram, lanczos = (_spy(monkeypatch, name) for name in ("factor_eigh", "eigsh_top"))
     dense = op.to_dense()
     values, vectors = op.eigh(3)

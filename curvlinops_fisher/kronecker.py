@@ -1,0 +1,403 @@
+r"""Factor rows of linear layers in Kronecker form.
+
+For a fully connected layer :math:`\mathbf{z}_n = \mathbf{W}\mathbf{a}_n +
+\mathbf{b}` applied once per data point ``n`` (input ``[N, in]``), the part of a
+factor row :math:`\mathbf{u}_i = \sqrt{c}\,\mathbf{J}_t^\top\mathbf{B}_t\mathbf{e}_r`
+(row ``i`` of data point ``n(i)``) that belongs to the layer's weight is a Kronecker
+product, and the part of its bias the output gradient itself:
+
+.. math::
+    \mathbf{u}_i\big|_{\mathbf{W}} = \operatorname{vec}\big(\mathbf{g}_i
+    \mathbf{a}_{n(i)}^\top\big), \qquad
+    \mathbf{u}_i\big|_{\mathbf{b}} = \mathbf{g}_i, \qquad
+    \mathbf{g}_i = \frac{\partial \langle \sqrt{c}\,\mathbf{B}_t\mathbf{e}_r,
+    \mathbf{f}_t\rangle}{\partial \mathbf{z}_{n(i)}} .
+
+So a row costs ``out + in`` numbers per layer instead of ``out * in``, and the
+reductions of :mod:`curvlinops_fisher.structure` become cheaper:
+
+- Gram matrix: :math:`\mathbf{u}_i^\top\mathbf{u}_j = \sum_l (\mathbf{g}_{il}^\top
+  \mathbf{g}_{jl})(\mathbf{a}_{n(i)l}^\top\mathbf{a}_{n(j)l} + 1)` (the ``+ 1`` if
+  the bias is a parameter): :math:`n^2 \sum_l (\text{in}_l + \text{out}_l)`
+  multiply-adds instead of :math:`n^2 P`;
+- dense matrix: the rows of a data point share :math:`\mathbf{a}_n`, so with
+  :math:`\mathbf{M}_n = \sum_{i \in n} \mathbf{g}_{il}\mathbf{g}_{im}^\top` the block
+  of layers ``l, m`` is :math:`\sum_n \mathbf{M}_n \otimes \mathbf{a}_{nl}
+  \mathbf{a}_{nm}^\top`: :math:`N P_l P_m` instead of :math:`n P_l P_m`
+  multiply-adds, ``R`` times fewer (``R = C`` for the GGN);
+- diagonal :math:`\sum_n (\sum_{i \in n} \mathbf{g}_i^{\odot 2})
+  (\mathbf{a}_n^{\odot 2})^\top` and trace likewise;
+- :math:`\mathbf{U}^\top\mathbf{W}` and :math:`\mathbf{U}\mathbf{V}` as matrix
+  products with the layer's ``[N, in]`` inputs.
+
+The output gradients of all rows come from one VJP with respect to zero "probes"
+added to the layers' outputs (forward hooks), ``vmap``-ed over the ``D R``
+cotangents that serve every data point at once (``D`` loss terms of ``R`` rows per
+data point). This needs data points that the model treats independently and
+parameters that the model uses only through these layer calls; both are checked on
+every batch by comparing :math:`\mathbf{U}^\top\boldsymbol\omega` for random
+weights :math:`\boldsymbol\omega` with one VJP of the model with respect to its
+parameters. Where the form does not apply, :func:`kronecker_rows` returns ``None``
+and the caller computes explicit rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from math import prod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+from torch.nn import Linear, Module
+
+if TYPE_CHECKING:
+    from curvlinops_fisher.structure import LinearizedBatch
+
+#: Seed of the random row weights of the consistency check.
+_CHECK_SEED = 0
+#: Relative tolerance of the consistency check, by bytes per number.
+_CHECK_RTOL = {8: 1e-9, 4: 1e-4}
+
+
+@dataclass(frozen=True)
+class LinearLayout:
+    """Which fully connected layer owns each differentiated parameter.
+
+    Attributes:
+        layers: The distinct ``nn.Linear`` layers, in order of their first parameter.
+        slots: For each parameter, in the operator's order: ``(layer index,
+            is_weight)``.
+    """
+
+    layers: tuple[Linear, ...]
+    slots: tuple[tuple[int, bool], ...]
+
+    def slot_shape(self, slot: int) -> tuple[int, int]:
+        """``(out, in)`` of a parameter's Kronecker form (``in = 1`` for a bias)."""
+        layer_index, is_weight = self.slots[slot]
+        layer = self.layers[layer_index]
+        return layer.out_features, layer.in_features if is_weight else 1
+
+    @property
+    def dim(self) -> int:
+        """Number ``P`` of parameters."""
+        return sum(prod(self.slot_shape(s)) for s in range(len(self.slots)))
+
+    def spans(self) -> list[slice]:
+        """Each parameter's range in the flat parameter vector."""
+        sizes = [prod(self.slot_shape(s)) for s in range(len(self.slots))]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [slice(a, a + size) for a, size in zip(starts, sizes)]
+
+    def mirror_upper(self, out: Tensor) -> Tensor:
+        """Copy the upper block triangle of ``out`` ``[P, P]`` onto the lower one."""
+        spans = self.spans()
+        for a, span_p in enumerate(spans):
+            for span_q in spans[a + 1 :]:
+                out[span_q, span_p] = out[span_p, span_q].mT
+        return out
+
+    @property
+    def row_length(self) -> int:
+        r"""Numbers per row in Kronecker form, :math:`\sum (\text{in} + \text{out})`."""
+        return sum(sum(self.slot_shape(s)) for s in range(len(self.slots)))
+
+
+def linear_layout(model: Module, params: Sequence[Tensor]) -> LinearLayout | None:
+    """The layout of ``params`` if each is the weight or bias of an ``nn.Linear``.
+
+    Every parameter must live in the model under one name only (not tied), as the
+    ``weight`` or ``bias`` of an ``nn.Linear`` layer; otherwise ``None``.
+
+    Args:
+        model: The model.
+        params: The differentiated parameters.
+
+    Returns:
+        The layout, or ``None``.
+    """
+    occurrences: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        occurrences[id(p)] = occurrences.get(id(p), 0) + 1
+    owners: dict[int, tuple[Linear, bool]] = {}
+    for module in model.modules():
+        if type(module) is Linear:  # subclasses may change the forward
+            owners[id(module.weight)] = (module, True)
+            if module.bias is not None:
+                owners[id(module.bias)] = (module, False)
+    layers: list[Linear] = []
+    slots = []
+    for p in params:
+        if id(p) not in owners or occurrences.get(id(p)) != 1:
+            return None
+        module, is_weight = owners[id(p)]
+        index = next((i for i, m in enumerate(layers) if m is module), len(layers))
+        if index == len(layers):
+            layers.append(module)
+        slots.append((index, is_weight))
+    if not slots:
+        return None
+    return LinearLayout(tuple(layers), tuple(slots))
+
+
+class _NotKronecker(Exception):
+    """A layer call does not have the form the Kronecker rows need."""
+
+
+@dataclass
+class KroneckerRows:
+    r"""The factor rows of one batch in Kronecker form (see the module docstring).
+
+    Row ``i`` belongs to data point ``i // rows_per_point``.
+
+    Attributes:
+        layout: The parameters' layers.
+        inputs: Per layer, its inputs :math:`\mathbf{a}_n`, ``[N, in]``.
+        output_grads: Per layer, the rows' output gradients :math:`\mathbf{g}_i`,
+            ``[n, out]``.
+        rows_per_point: ``D R``, the number of rows per data point.
+    """
+
+    layout: LinearLayout
+    inputs: tuple[Tensor, ...]
+    output_grads: tuple[Tensor, ...]
+    rows_per_point: int
+
+    @property
+    def num_rows(self) -> int:
+        """Number ``n`` of rows."""
+        return self.output_grads[0].shape[0]
+
+    @property
+    def num_points(self) -> int:
+        """Number ``N`` of data points."""
+        return self.inputs[0].shape[0]
+
+    def _left(self, slot: int) -> Tensor:
+        """The slot's per-data-point input: the layer's ``[N, in]``, ``[N, 1]`` ones for a bias."""
+        layer_index, is_weight = self.layout.slots[slot]
+        A = self.inputs[layer_index]
+        return A if is_weight else A.new_ones(A.shape[0], 1)
+
+    def _grads(self, slot: int) -> Tensor:
+        """The slot's output gradients, ``[N, rows_per_point, out]``."""
+        G = self.output_grads[self.layout.slots[slot][0]]
+        return G.reshape(self.num_points, self.rows_per_point, G.shape[1])
+
+    def _slots(self) -> Iterator[tuple[int, slice]]:
+        """Each slot with its range in the flat parameter vector."""
+        yield from enumerate(self.layout.spans())
+
+    # ------------------------------------------------------------ reductions
+    def gram(self, other: KroneckerRows) -> Tensor:
+        r""":math:`\mathbf{U}\mathbf{U}'^\top` of this batch's rows and ``other``'s, ``[n, n']``."""
+        gram = self.output_grads[0].new_zeros(self.num_rows, other.num_rows)
+        for slot, _ in self._slots():
+            products = self._left(slot) @ other._left(slot).mT
+            products = products.repeat_interleave(self.rows_per_point, 0)
+            products = products.repeat_interleave(other.rows_per_point, 1)
+            G, G_other = (
+                r.output_grads[r.layout.slots[slot][0]] for r in (self, other)
+            )
+            gram.addcmul_(G @ G_other.mT, products)
+        return gram
+
+    def transpose_product(self, W: Tensor) -> Tensor:
+        r""":math:`\mathbf{U}^\top\mathbf{W}` for ``W`` ``[n, k]``, shape ``[P, k]``."""
+        k = W.shape[1]
+        out = W.new_empty(self.layout.dim, k)
+        weights = W.reshape(self.num_points, self.rows_per_point, k, 1)
+        for slot, span in self._slots():
+            # sum_i w_ik g_i a_n(i)^T = sum_n (sum_{i in n} w_ik g_i) a_n^T
+            summed = (self._grads(slot).unsqueeze(2) * weights).sum(1)  # [N, k, out]
+            block = summed.flatten(1).mT @ self._left(slot)  # [k * out, in]
+            out[span] = block.reshape(k, -1).mT
+        return out
+
+    def product(self, V: Tensor) -> Tensor:
+        r""":math:`\mathbf{U}\mathbf{V}` for ``V`` ``[P, k]``, shape ``[n, k]``."""
+        k = V.shape[1]
+        out = V.new_zeros(self.num_points, self.rows_per_point, k)
+        for slot, span in self._slots():
+            rows, cols = self.layout.slot_shape(slot)
+            V_slot = V[span].reshape(rows, cols, k)
+            # g_i^T V_k a_n: first V_k a_n for every data point, [N, out, k]
+            projected = torch.einsum("nj,ojk->nok", self._left(slot), V_slot)
+            out.baddbmm_(self._grads(slot), projected)
+        return out.reshape(self.num_rows, k)
+
+    def add_upper_dense(self, out: Tensor, chunk_bytes: int) -> Tensor:
+        r"""Add :math:`\mathbf{U}^\top\mathbf{U}` to the upper block triangle of ``out``.
+
+        Adds the blocks of parameters ``p <= q`` (flat order) to ``out`` ``[P, P]``;
+        :meth:`LinearLayout.mirror_upper` completes the matrix, once after all
+        batches. Block ``p, q`` is :math:`\sum_n \mathbf{M}_n \otimes
+        \mathbf{a}_{np}\mathbf{a}_{nq}^\top` with :math:`\mathbf{M}_n = \sum_{i
+        \in n} \mathbf{g}_{ip}\mathbf{g}_{iq}^\top`: one matrix product of
+        :math:`\mathbf{M}` with the Khatri-Rao product of the inputs (data points in
+        chunks of ``chunk_bytes``), :math:`N P_p P_q` multiply-adds against
+        :math:`n P_p P_q` for the explicit rows.
+        """
+        slots = list(self._slots())
+        for a, (p, span_p) in enumerate(slots):
+            for q, span_q in slots[a:]:
+                out[span_p, span_q] += self._dense_block(p, q, chunk_bytes)
+        return out
+
+    def _dense_block(self, p: int, q: int, chunk_bytes: int) -> Tensor:
+        r"""Block ``p, q`` of :math:`\mathbf{U}^\top\mathbf{U}` (see :meth:`add_upper_dense`)."""
+        (out_p, in_p), (out_q, in_q) = (self.layout.slot_shape(s) for s in (p, q))
+        M = self._grads(p).mT @ self._grads(q)  # [N, out_p, out_q]
+        L, R = self._left(p), self._left(q)
+        itemsize = M.dtype.itemsize
+        step = max(1, chunk_bytes // ((in_p * in_q + out_p * out_q) * itemsize))
+        block = M.new_zeros(out_p * out_q, in_p * in_q)
+        for start in range(0, self.num_points, step):
+            part = slice(start, start + step)
+            khatri_rao = (L[part].unsqueeze(2) * R[part].unsqueeze(1)).flatten(1)
+            block.addmm_(M[part].flatten(1).mT, khatri_rao)
+        block = block.reshape(out_p, out_q, in_p, in_q).permute(0, 2, 1, 3)
+        return block.reshape(out_p * in_p, out_q * in_q)
+
+    def squared_norm(self) -> Tensor:
+        r"""The trace contribution :math:`\sum_i \|\mathbf{u}_i\|^2` (a scalar)."""
+        total = self.output_grads[0].new_zeros(())
+        for slot, _ in self._slots():
+            grad_norms = self._grads(slot).square().sum((1, 2))  # [N]
+            total += grad_norms @ self._left(slot).square().sum(1)
+        return total
+
+    def column_squares(self) -> Tensor:
+        r"""The diagonal contribution :math:`\sum_i \mathbf{u}_i^{\odot 2}`, ``[P]``."""
+        parts = []
+        for slot, _ in self._slots():
+            grad_squares = self._grads(slot).square().sum(1)  # [N, out]
+            parts.append((grad_squares.mT @ self._left(slot).square()).flatten())
+        return torch.cat(parts)
+
+    def rows(self) -> Tensor:
+        """The rows in explicit form, ``[n, P]``."""
+        parts = []
+        for slot, _ in self._slots():
+            G = self._grads(slot)
+            L = self._left(slot)
+            outer = G.unsqueeze(3) * L[:, None, None, :]  # [N, DR, out, in]
+            parts.append(outer.reshape(self.num_rows, -1))
+        return torch.cat(parts, dim=1)
+
+
+def kronecker_rows(
+    batch: LinearizedBatch, layout: LinearLayout
+) -> KroneckerRows | None:
+    r"""The factor rows of a linearized batch in Kronecker form, if they have it.
+
+    ``None`` if a layer is not called exactly once on an input ``[N, in]`` (``N``
+    the batch's leading output axis), if the batch's terms are not ``D`` per data
+    point, or if the check of :math:`\mathbf{U}^\top\boldsymbol\omega` against a
+    VJP with respect to the parameters fails (parameters used outside the layer
+    calls, data points that interact).
+
+    Args:
+        batch: A :class:`~curvlinops_fisher.structure.LinearizedBatch`.
+        layout: The parameters' layers (:func:`linear_layout`).
+
+    Returns:
+        The rows, or ``None``.
+    """
+    output_shape = batch.output_shape
+    B = batch.scaled_factor
+    T, C, R = B.shape
+    if len(output_shape) == 0 or output_shape[0] == 0 or T % output_shape[0]:
+        return None
+    N = output_shape[0]
+    D = T // N
+    # Cotangent (d, r) serves every data point at once: B[n D + d, :, r] at term n D + d.
+    eye = torch.eye(D, dtype=B.dtype, device=B.device)
+    W = torch.einsum("ndcr,de->drnec", B.reshape(N, D, C, R), eye)
+    cotangents = batch.loss.unflatten(W.reshape(D * R, T, C), output_shape, lead=1)
+    try:
+        inputs, vjp_fn = _probed_forward(batch, layout, N)
+    except _NotKronecker:
+        return None
+    with torch.no_grad():
+        (grads,) = vmap(vjp_fn)(cotangents)  # per layer [D R, N, out]
+    output_grads = tuple(g.transpose(0, 1).reshape(N * D * R, -1) for g in grads)
+    rows = KroneckerRows(layout, inputs, output_grads, D * R)
+    return rows if _agrees_with_vjp(rows, batch) else None
+
+
+def _probed_forward(
+    batch: LinearizedBatch, layout: LinearLayout, N: int
+) -> tuple[tuple[Tensor, ...], Callable[..., tuple[tuple[Tensor, ...]]]]:
+    """Forward pass with a zero probe added to each layer's output.
+
+    Returns:
+        The layers' inputs ``[N, in]`` and the VJP with respect to the probes.
+
+    Raises:
+        _NotKronecker: If a layer is not called exactly once on an ``[N, in]`` input.
+    """
+    calls = [0] * len(layout.layers)
+
+    def forward(probes: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        recorded: list[Tensor | None] = [None] * len(layout.layers)
+
+        def make_hook(index: int) -> Callable[..., Tensor]:
+            def hook(module: Module, args: tuple, output: Tensor) -> Tensor:
+                x = args[0]
+                calls[index] += 1
+                if calls[index] > 1 or x.ndim != 2 or x.shape[0] != N:
+                    raise _NotKronecker
+                recorded[index] = x
+                return output + probes[index]
+
+            return hook
+
+        handles = [
+            layer.register_forward_hook(make_hook(i))
+            for i, layer in enumerate(layout.layers)
+        ]
+        try:
+            output = batch.model_function(batch.params, batch.X)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(count != 1 for count in calls):
+            raise _NotKronecker
+        return output, tuple(recorded)
+
+    probes = tuple(
+        batch.output.new_zeros(N, layer.out_features) for layer in layout.layers
+    )
+    with torch.no_grad():  # see linearize_batch
+        _, vjp_fn, inputs = vjp(forward, probes, has_aux=True)
+    return inputs, vjp_fn
+
+
+def _agrees_with_vjp(rows: KroneckerRows, batch: LinearizedBatch) -> bool:
+    r"""Whether :math:`\mathbf{U}^\top\boldsymbol\omega` equals the model's VJP.
+
+    With random row weights :math:`\boldsymbol\omega`, the Kronecker rows give
+    :math:`\sum_i \omega_i \mathbf{u}_i`; one VJP of the batch's forward pass with
+    the cotangent :math:`\sum_i \omega_i \sqrt{c}\,\mathbf{B}_t\mathbf{e}_r` gives
+    the same vector exactly when every parameter enters through the probed layer
+    calls and each data point's output depends on its own probes only.
+    """
+    B = batch.scaled_factor
+    T, C, R = B.shape
+    generator = torch.Generator(device=B.device).manual_seed(_CHECK_SEED)
+    omega = torch.randn(T, R, generator=generator, dtype=B.dtype, device=B.device)
+    cotangent = batch.loss.unflatten(
+        torch.einsum("tcr,tr->tc", B, omega), batch.output_shape
+    )
+    with torch.no_grad():
+        (grads,) = batch.vjp_fn(cotangent)
+    expected = torch.cat([g.flatten() for g in grads])
+    got = rows.transpose_product(omega.reshape(-1, 1)).flatten()
+    rtol = _CHECK_RTOL.get(B.dtype.itemsize, 1e-2)
+    error = torch.linalg.vector_norm(got - expected)
+    scale = torch.linalg.vector_norm(expected) + torch.finfo(B.dtype).tiny
+    return bool(error <= rtol * scale)
