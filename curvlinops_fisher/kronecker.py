@@ -401,3 +401,86 @@ def _agrees_with_vjp(rows: KroneckerRows, batch: LinearizedBatch) -> bool:
     error = torch.linalg.vector_norm(got - expected)
     scale = torch.linalg.vector_norm(expected) + torch.finfo(B.dtype).tiny
     return bool(error <= rtol * scale)
+
+
+@dataclass
+class KroneckerFactor:
+    r"""The factor :math:`\mathbf{U}` of several batches, each in Kronecker form.
+
+    The rows are the batches' rows in order; every method works on the batches'
+    factors without forming a row (except :meth:`rows`).
+
+    Attributes:
+        batches: The batches' rows (at least one batch).
+    """
+
+    batches: tuple[KroneckerRows, ...]
+
+    @property
+    def layout(self) -> LinearLayout:
+        """The parameters' layers."""
+        return self.batches[0].layout
+
+    @property
+    def offsets(self) -> list[int]:
+        """Index of each batch's first row, then the number of rows."""
+        offsets = [0]
+        for rows in self.batches:
+            offsets.append(offsets[-1] + rows.num_rows)
+        return offsets
+
+    @property
+    def num_rows(self) -> int:
+        """Number ``n`` of rows."""
+        return self.offsets[-1]
+
+    @property
+    def row_length(self) -> int:
+        """Numbers per row in Kronecker form."""
+        return self.layout.row_length
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Data type of the factors."""
+        return self.batches[0].output_grads[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the factors."""
+        return self.batches[0].output_grads[0].device
+
+    def product(self, V: Tensor) -> Tensor:
+        r""":math:`\mathbf{U}\mathbf{V}` for ``V`` ``[P, k]``, shape ``[n, k]``."""
+        return torch.cat([rows.product(V) for rows in self.batches])
+
+    def transpose_product(self, W: Tensor) -> Tensor:
+        r""":math:`\mathbf{U}^\top\mathbf{W}` for ``W`` ``[n, k]``, shape ``[P, k]``."""
+        offsets = self.offsets
+        out = W.new_zeros(self.layout.dim, W.shape[1])
+        for b, rows in enumerate(self.batches):
+            out += rows.transpose_product(W[offsets[b] : offsets[b + 1]])
+        return out
+
+    def gram(self) -> Tensor:
+        r"""The Gram matrix :math:`\mathbf{U}\mathbf{U}^\top`, ``[n, n]``."""
+        offsets = self.offsets
+        gram = self.batches[0].output_grads[0].new_zeros(self.num_rows, self.num_rows)
+        for a, rows_a in enumerate(self.batches):
+            span_a = slice(offsets[a], offsets[a + 1])
+            for b in range(a, len(self.batches)):
+                block = rows_a.gram(self.batches[b])
+                gram[span_a, offsets[b] : offsets[b + 1]] = block
+                gram[offsets[b] : offsets[b + 1], span_a] = block.mT
+        return gram
+
+    def squared_norm(self) -> Tensor:
+        r""":math:`\|\mathbf{U}\|_F^2` (a scalar)."""
+        return sum(rows.squared_norm() for rows in self.batches)
+
+    def column_squares(self) -> Tensor:
+        r"""Squared column norms of :math:`\mathbf{U}`, ``[P]``."""
+        return sum(rows.column_squares() for rows in self.batches)
+
+    def rows(self) -> Tensor:
+        """The rows in explicit form, ``[n, P]``."""
+        return torch.cat([rows.rows() for rows in self.batches])

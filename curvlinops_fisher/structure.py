@@ -62,6 +62,7 @@ from curvlinops_fisher.factors import (
     OutputFactorKind,
 )
 from curvlinops_fisher.kronecker import (
+    KroneckerFactor,
     KroneckerRows,
     LinearLayout,
     kronecker_rows,
@@ -635,31 +636,56 @@ def factor_eigh(U: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return gram_eigh(U @ U.mT, lambda W: U.mT @ W, k)
 
 
-def kronecker_eigh(batches: list[KroneckerRows], k: int) -> tuple[Tensor, Tensor]:
+def kronecker_eigh(factor: KroneckerFactor, k: int) -> tuple[Tensor, Tensor]:
     r"""The ``k`` largest eigenpairs from rows in Kronecker form (see :func:`gram_eigh`).
 
     The Gram blocks :math:`\mathbf{U}_a\mathbf{U}_b^\top` and
     :math:`\mathbf{U}^\top\mathbf{W}` come from the layers' inputs and output
     gradients; no row is formed.
     """
-    offsets = numpy.concatenate([[0], numpy.cumsum([b.num_rows for b in batches])])
-    offsets = offsets.tolist()
-    first = batches[0].output_grads[0]
-    gram = first.new_zeros(offsets[-1], offsets[-1])
-    for a, rows_a in enumerate(batches):
-        span_a = slice(offsets[a], offsets[a + 1])
-        for b in range(a, len(batches)):
-            block = rows_a.gram(batches[b])
-            gram[span_a, offsets[b] : offsets[b + 1]] = block
-            gram[offsets[b] : offsets[b + 1], span_a] = block.mT
+    return gram_eigh(factor.gram(), factor.transpose_product, k)
 
-    def transpose_product(W: Tensor) -> Tensor:
-        return sum(
-            rows.transpose_product(W[offsets[b] : offsets[b + 1]])
-            for b, rows in enumerate(batches)
-        )
 
-    return gram_eigh(gram, transpose_product, k)
+class DenseAccumulator:
+    r"""Accumulates :math:`\sum_b \mathbf{U}_b^\top\mathbf{U}_b` into a ``[P, P]`` tensor.
+
+    Batches in Kronecker form with at least
+    :data:`KRONECKER_DENSE_MIN_ROWS_PER_POINT` rows per data point add their blocks
+    to the upper block triangle only (:meth:`KroneckerRows.add_upper_dense`, ``D R``
+    times fewer flops than the rows' Gram product); the lower one is completed once,
+    before the next explicit Gram product (which needs a symmetric accumulator) or
+    at the end. Other batches in Kronecker form add the Gram product of their rows,
+    formed from the factors.
+
+    Args:
+        out: The accumulator, symmetric on entry (zeros).
+        layout: The parameters' layers (``None`` if no batch is in Kronecker form).
+    """
+
+    def __init__(self, out: Tensor, layout: LinearLayout | None):
+        """Start from ``out``."""
+        self.out = out
+        self.layout = layout
+        self._upper_only = False
+
+    def add_kronecker(self, rows: KroneckerRows, chunk_bytes: int) -> None:
+        """Add a batch's rows in Kronecker form."""
+        if rows.rows_per_point >= KRONECKER_DENSE_MIN_ROWS_PER_POINT:
+            rows.add_upper_dense(self.out, chunk_bytes)
+            self._upper_only = True
+        else:
+            self.add_rows([rows.rows()])
+
+    def add_rows(self, chunks: Iterable[Tensor]) -> None:
+        """Add the Gram product of explicit rows (see :func:`add_gram`)."""
+        add_gram(chunks, out=self.symmetric())
+
+    def symmetric(self) -> Tensor:
+        """The accumulator with both triangles complete."""
+        if self._upper_only:
+            self.layout.mirror_upper(self.out)
+            self._upper_only = False
+        return self.out
 
 
 # ------------------------------------------------------ streaming operators
@@ -720,8 +746,8 @@ class ExactStructureMixin:
         for batch in self._linearized_batches():
             yield batch, None if layout is None else kronecker_rows(batch, layout)
 
-    def _kronecker_batches(self) -> list[KroneckerRows] | None:
-        """All batches' rows in Kronecker form (one pass), or ``None`` if one lacks it."""
+    def _kronecker_factor(self) -> KroneckerFactor | None:
+        """All batches' rows in Kronecker form (one pass); ``None`` if one lacks it."""
         if self._linear_layout is None:
             return None
         batches = []
@@ -729,7 +755,7 @@ class ExactStructureMixin:
             if rows is None:
                 return None
             batches.append(rows)
-        return batches
+        return KroneckerFactor(tuple(batches)) if batches else None
 
     def _factor_chunks(self, chunk_bytes: int) -> Iterator[Tensor]:
         """All factor rows in order, in chunks (one pass)."""
@@ -798,7 +824,10 @@ class ExactStructureMixin:
         r"""An operator of the same matrix that keeps :math:`\mathbf{U}` in memory.
 
         Its products cost two matrix products (:math:`\mathbf{U}^\top(\mathbf{U}
-        \mathbf{X})`) instead of passes over the data. It is a snapshot: later
+        \mathbf{X})`) instead of passes over the data. If every batch's rows have the
+        Kronecker form of linear layers (see :mod:`curvlinops_fisher.kronecker`), it
+        keeps that form (``sum(in + out)`` numbers per row instead of ``P``) and
+        multiplies with the layers' inputs; ``max_bytes`` then bounds that form. It is a snapshot: later
         changes of the parameters, data or the MC Fisher's seed do not reach it.
 
         Args:
@@ -817,13 +846,18 @@ class ExactStructureMixin:
             FactorMemoryError: If :math:`\mathbf{U}` needs more than ``max_bytes``
                 (a ``MemoryError`` and ``ValueError``; the message gives the bytes).
         """
-        if max_bytes is not None:
-            num_rows = sum(self._row_counts())
-            if num_rows * self.shape[1] * self.dtype.itemsize > max_bytes:
-                raise FactorMemoryError(
-                    num_rows, self.shape[1], self.dtype.itemsize, max_bytes
-                )
-        U = self.factor(chunk_bytes=chunk_bytes)
+        dim, itemsize = self.shape[1], self.dtype.itemsize
+        layout = self._linear_layout
+        num_rows = None if max_bytes is None else sum(self._row_counts())
+        U: Tensor | KroneckerFactor | None = None
+        if layout is not None and (
+            num_rows is None or num_rows * layout.row_length * itemsize <= max_bytes
+        ):
+            U = self._kronecker_factor()
+        if U is None:
+            if num_rows is not None and num_rows * dim * itemsize > max_bytes:
+                raise FactorMemoryError(num_rows, dim, itemsize, max_bytes)
+            U = self.factor(chunk_bytes=chunk_bytes)
         return CachedCurvatureLinearOperator(
             U, [tuple(s) for s in self._in_shape], process_group=self._process_group
         )
@@ -855,28 +889,15 @@ class ExactStructureMixin:
         dim = self.shape[1]
 
         def local_dense() -> Tensor:
-            dense = self._zeros(dim, dim)
-            upper_only = False  # Kronecker blocks fill the upper block triangle
+            dense = DenseAccumulator(self._zeros(dim, dim), self._linear_layout)
             for batch, kronecker in self._structured_batches():
-                if (
-                    kronecker is not None
-                    and kronecker.rows_per_point >= KRONECKER_DENSE_MIN_ROWS_PER_POINT
-                ):
-                    kronecker.add_upper_dense(dense, chunk_bytes)
-                    upper_only = True
-                    continue
-                if upper_only:  # add_gram needs a symmetric accumulator
-                    self._linear_layout.mirror_upper(dense)
-                    upper_only = False
                 if kronecker is not None:
-                    add_gram([kronecker.rows()], out=dense)
+                    dense.add_kronecker(kronecker, chunk_bytes)
                 elif batch.num_rows <= dim:
-                    add_gram(batch.chunks(chunk_bytes), out=dense)
+                    dense.add_rows(batch.chunks(chunk_bytes))
                 else:
-                    self._add_batch_columns(batch, dense, chunk_bytes)
-            if upper_only:
-                self._linear_layout.mirror_upper(dense)
-            return dense
+                    self._add_batch_columns(batch, dense.symmetric(), chunk_bytes)
+            return dense.symmetric()
 
         return self._summed(local_dense, dim, dim)
 
@@ -1014,7 +1035,7 @@ class ExactStructureMixin:
                 row_length=None if layout is None else layout.row_length,
             ):
                 kronecker = (
-                    self._kronecker_batches()
+                    self._kronecker_factor()
                     if layout is not None
                     and num_rows * layout.row_length * itemsize <= max_bytes
                     else None
@@ -1078,7 +1099,11 @@ class CachedCurvatureLinearOperator(ProcessGroupMixin, PyTorchLinearOperator):
     products, :math:`\mathbf{U}^\top(\mathbf{U}\mathbf{X})` (:math:`O(nPK)`), and no
     pass over the data; :meth:`to_dense`, :meth:`trace`, :meth:`diagonal` and
     :meth:`eigh` use the held factor with the same functions as the streaming
-    operator.
+    operator. The factor is held either explicitly (``[n, P]``) or, for models whose
+    parameters all belong to linear layers, in Kronecker form
+    (:class:`~curvlinops_fisher.kronecker.KroneckerFactor`: the layers' inputs and
+    output gradients, ``sum(in + out)`` numbers per row instead of ``P``), whose
+    products are matrix products with the layers' ``[N, in]`` inputs.
 
     With a process group, ``U`` holds this rank's rows :math:`\mathbf{U}_r` and the
     matrix is :math:`\sum_r \mathbf{U}_r^\top\mathbf{U}_r`: products, :meth:`to_dense`,
@@ -1086,7 +1111,7 @@ class CachedCurvatureLinearOperator(ProcessGroupMixin, PyTorchLinearOperator):
     are collective calls; :meth:`eigh` uses ``eigsh``.
 
     Args:
-        U: The factor, shape ``[n, P]``.
+        U: The factor: a tensor ``[n, P]``, or a ``KroneckerFactor``.
         shapes: The parameter shapes (the operator's list structure).
         process_group: A ``torch.distributed`` process group (or ``"default"``)
             over whose ranks the rows of ``U`` are split; ``None``: one process.
@@ -1096,7 +1121,7 @@ class CachedCurvatureLinearOperator(ProcessGroupMixin, PyTorchLinearOperator):
 
     def __init__(
         self,
-        U: Tensor,
+        U: Tensor | KroneckerFactor,
         shapes: list[tuple[int, ...]],
         *,
         process_group: ProcessGroupLike = None,
@@ -1104,12 +1129,22 @@ class CachedCurvatureLinearOperator(ProcessGroupMixin, PyTorchLinearOperator):
         """Store the factor (see the class docstring)."""
         super().__init__(shapes, shapes)
         self._process_group = resolve_process_group(process_group)
-        if U.ndim != 2 or U.shape[1] != self.shape[1]:
+        if isinstance(U, KroneckerFactor):
+            if U.layout.dim != self.shape[1]:
+                raise ValueError(
+                    f"The Kronecker factor has P = {U.layout.dim} columns; the shapes "
+                    f"give P = {self.shape[1]}."
+                )
+        elif U.ndim != 2 or U.shape[1] != self.shape[1]:
             raise ValueError(
                 f"U must have shape [n, P] with P = {self.shape[1]}; got "
                 f"{tuple(U.shape)}."
             )
         self._U = U
+
+    @property
+    def _kronecker(self) -> KroneckerFactor | None:
+        return self._U if isinstance(self._U, KroneckerFactor) else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1124,30 +1159,68 @@ class CachedCurvatureLinearOperator(ProcessGroupMixin, PyTorchLinearOperator):
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply onto a matrix in tensor list format with a trailing column axis."""
         X = _list_to_flat(M, self._in_shape_flat)
-        (AX,) = self._sum_over_ranks(lambda: [self._U.mT @ (self._U @ X)], [X.shape])
+        U = self._U
+
+        def local() -> list[Tensor]:
+            if isinstance(U, KroneckerFactor):
+                return [U.transpose_product(U.product(X))]
+            return [U.mT @ (U @ X)]
+
+        (AX,) = self._sum_over_ranks(local, [X.shape])
         return _flat_to_list(AX, self._out_shape)
 
     def factor(self) -> Tensor:
-        r"""The held factor :math:`\mathbf{U}` ``[n, P]`` (not a copy; this rank's rows)."""
-        return self._U
+        r"""The factor :math:`\mathbf{U}` ``[n, P]`` (this rank's rows).
 
-    def _reduce_rows(self, reduce: Callable[..., Tensor], *shape: int) -> Tensor:
-        """``reduce([U], out=zeros(shape))``, summed over the ranks."""
-        return self._summed(
-            lambda: reduce([self._U], out=self._U.new_zeros(shape)), *shape
-        )
+        The held tensor itself (not a copy), or, for a factor held in Kronecker
+        form, its rows formed explicitly.
+        """
+        kronecker = self._kronecker
+        return self._U if kronecker is None else kronecker.rows()
+
+    def _reduce_rows(
+        self,
+        kronecker: Callable[[KroneckerFactor], Tensor],
+        reduce: Callable[..., Tensor],
+        *shape: int,
+    ) -> Tensor:
+        """The reduction of the held factor, summed over the ranks.
+
+        ``kronecker(factor)`` for a factor in Kronecker form, else
+        ``reduce([U], out=zeros(shape))``.
+        """
+        U = self._U
+
+        def local() -> Tensor:
+            if isinstance(U, KroneckerFactor):
+                return kronecker(U)
+            return reduce([U], out=U.new_zeros(shape))
+
+        return self._summed(local, *shape)
 
     def to_dense(self) -> Tensor:
         r"""The matrix :math:`\mathbf{U}^\top\mathbf{U}`, ``[P, P]``."""
-        return self._reduce_rows(add_gram, self.shape[1], self.shape[1])
+        dim = self.shape[1]
+
+        def kronecker_dense(factor: KroneckerFactor) -> Tensor:
+            dense = DenseAccumulator(
+                factor.batches[0].output_grads[0].new_zeros(dim, dim), factor.layout
+            )
+            for rows in factor.batches:
+                dense.add_kronecker(rows, DEFAULT_CHUNK_BYTES)
+            return dense.symmetric()
+
+        return self._reduce_rows(kronecker_dense, add_gram, dim, dim)
 
     def trace(self) -> Tensor:
         r"""The exact trace :math:`\|\mathbf{U}\|_F^2` (a scalar tensor)."""
-        return self._reduce_rows(add_squared_norm)
+        return self._reduce_rows(KroneckerFactor.squared_norm, add_squared_norm)
 
     def diagonal(self) -> Tensor:
         """The exact diagonal (squared column norms of ``U``), ``[P]``."""
-        return self._reduce_rows(add_column_squares, self.shape[1])
+        return self._reduce_rows(
+            KroneckerFactor.column_squares, add_column_squares, self.shape[1]
+        )
 
     def eigh(
         self,
@@ -1171,11 +1244,14 @@ class CachedCurvatureLinearOperator(ProcessGroupMixin, PyTorchLinearOperator):
         dim = self.shape[1]
         _check_eigh_args(k, dim, method)
         _check_distributed_eigh(self, method)
-        num_rows = self._U.shape[0]
+        kronecker = self._kronecker
+        num_rows = self._U.shape[0] if kronecker is None else kronecker.num_rows
         if method == "gram" or (
             self._process_group is None
             and method == "auto"
             and prefer_gram(num_rows, dim, self.dtype.itemsize, max_bytes)
         ):
+            if kronecker is not None:
+                return kronecker_eigh(kronecker, k)
             return factor_eigh(self._U, k)
         return eigsh_top(self, k)

@@ -23,7 +23,14 @@ from curvlinops_fisher import (
     kronecker,
     structure,
 )
-from curvlinops_fisher.kronecker import KroneckerRows, kronecker_rows, linear_layout
+from curvlinops_fisher.errors import FactorMemoryError
+from curvlinops_fisher.kronecker import (
+    KroneckerFactor,
+    KroneckerRows,
+    kronecker_rows,
+    linear_layout,
+)
+from curvlinops_fisher.structure import CachedCurvatureLinearOperator
 
 KINDS = {
     "ggn": (GGNLinearOperator, {}),
@@ -157,6 +164,45 @@ def test_eigh_auto_takes_kronecker_gram(monkeypatch: pytest.MonkeyPatch):
 
 
 kronecker_eigh = structure.kronecker_eigh
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cached_holds_kronecker_factor(kind: str):
+    """The cached operator keeps the Kronecker form and equals the streaming one."""
+    problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
+    op = build(kind, *problem.args())
+    layout = op._linear_layout
+    num_rows = sum(op._row_counts())
+    needed = num_rows * layout.row_length * 8
+    assert needed < num_rows * op.shape[1] * 8
+    with pytest.raises(FactorMemoryError):
+        op.cached(max_bytes=needed - 1)
+    cached = op.cached(max_bytes=needed)
+    assert isinstance(cached._U, KroneckerFactor)
+    expected = to_dense(op)
+    V = torch.randn(op.shape[1], 4, dtype=torch.float64)
+    torch.testing.assert_close(cached @ V, op @ V, **TOL)
+    torch.testing.assert_close(cached.to_dense(), expected, **TOL)
+    torch.testing.assert_close(cached.trace(), expected.trace(), **TOL)
+    torch.testing.assert_close(cached.diagonal(), expected.diagonal(), **TOL)
+    torch.testing.assert_close(cached.factor(), op.factor(), **TOL)
+    values, vectors = cached.eigh(3, method="gram")
+    reference = torch.linalg.eigvalsh(expected).flip(0)[:3]
+    torch.testing.assert_close(values, reference, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(expected @ vectors, vectors * values, **TOL)
+    x = torch.randn(op.shape[1], dtype=torch.float64).numpy()
+    numpy_product = cached.to_scipy() @ x
+    torch.testing.assert_close(
+        torch.as_tensor(numpy_product), expected @ torch.as_tensor(x), **TOL
+    )
+
+
+def test_cached_rejects_mismatched_kronecker_factor():
+    problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
+    op = build("ef", *problem.args())
+    factor = op._kronecker_factor()
+    with pytest.raises(ValueError, match="Kronecker factor has P"):
+        CachedCurvatureLinearOperator(factor, [(3,)])
 
 
 # ------------------------------------------------------------- fall-backs

@@ -307,6 +307,7 @@ def test_cached_to_scipy_eigsh() -> None:
 def test_cached_max_bytes() -> None:
     problem = make_problem("mlp_tanh", "mse", "mean", "unequal")
     op = build("ggn", problem)
+    op.__dict__["_linear_layout"] = None  # explicit rows (Kronecker: test_kronecker)
     needed = 30 * problem.dim * 8  # 30 rows of P float64 entries
     with pytest.raises(FactorMemoryError, match=f"needs {needed} bytes") as info:
         op.cached(max_bytes=needed - 1)
