@@ -746,13 +746,21 @@ class ExactStructureMixin:
         for batch in self._linearized_batches():
             yield batch, None if layout is None else kronecker_rows(batch, layout)
 
-    def _kronecker_factor(self) -> KroneckerFactor | None:
-        """All batches' rows in Kronecker form (one pass); ``None`` if one lacks it."""
-        if self._linear_layout is None:
+    def _kronecker_factor(self, max_bytes: int | None = None) -> KroneckerFactor | None:
+        """All batches' rows in Kronecker form (one pass).
+
+        ``None`` if a batch lacks the form, there is no batch, or the factor would
+        take more than ``max_bytes`` (the pass stops there).
+        """
+        layout = self._linear_layout
+        if layout is None:
             return None
-        batches = []
+        batches, held = [], 0
         for _, rows in self._structured_batches():
             if rows is None:
+                return None
+            held += rows.num_rows * layout.row_length * self.dtype.itemsize
+            if max_bytes is not None and held > max_bytes:
                 return None
             batches.append(rows)
         return KroneckerFactor(tuple(batches)) if batches else None
@@ -997,10 +1005,12 @@ class ExactStructureMixin:
         - ``'eigsh'``: SciPy's Lanczos ``eigsh(self.to_scipy(), k, which='LA')``,
           which needs ``k < P``.
 
-        ``'auto'`` counts the rows ``n`` (one pass of forward passes) and takes the
-        Gram path if ``n <= P / 2``, the Gram matrix fits ``max_bytes`` and it needs
-        fewer floating-point operations than Lanczos (:func:`prefer_gram`), else
-        ``eigsh``. With a process group, ``'auto'`` takes ``eigsh`` (rank 0 drives
+        If every batch's rows have the Kronecker form of linear layers and fit
+        ``max_bytes`` in that form, the Gram path works on that form
+        (:func:`kronecker_eigh`); otherwise ``'auto'`` counts the rows ``n`` (one
+        pass of forward passes). ``'auto'`` takes the Gram path if ``n <= P / 2``,
+        the Gram matrix fits ``max_bytes`` and it needs fewer floating-point
+        operations than Lanczos (:func:`prefer_gram`), else ``eigsh``. With a process group, ``'auto'`` takes ``eigsh`` (rank 0 drives
         Lanczos, every rank returns the result) and ``'gram'`` is an error.
 
         Args:
@@ -1020,10 +1030,23 @@ class ExactStructureMixin:
         _check_eigh_args(k, dim, method)
         _check_distributed_eigh(self, method)
         if method != "eigsh" and self._process_group is None:
+            itemsize = self.dtype.itemsize
+            kronecker = self._kronecker_factor(max_bytes)
+            if kronecker is not None:
+                if method == "gram" or prefer_gram(
+                    kronecker.num_rows,
+                    dim,
+                    itemsize,
+                    max_bytes,
+                    k=k,
+                    num_data=self._N_data,
+                    flops_per_point=self._forward_flops_per_point(),
+                    row_length=kronecker.row_length,
+                ):
+                    return kronecker_eigh(kronecker, k)
+                return eigsh_top(self, k)
             counts = self._row_counts()
             num_rows = sum(counts)
-            itemsize = self.dtype.itemsize
-            layout = self._linear_layout
             if method == "gram" or prefer_gram(
                 num_rows,
                 dim,
@@ -1032,16 +1055,7 @@ class ExactStructureMixin:
                 k=k,
                 num_data=self._N_data,
                 flops_per_point=self._forward_flops_per_point(),
-                row_length=None if layout is None else layout.row_length,
             ):
-                kronecker = (
-                    self._kronecker_factor()
-                    if layout is not None
-                    and num_rows * layout.row_length * itemsize <= max_bytes
-                    else None
-                )
-                if kronecker is not None:
-                    return kronecker_eigh(kronecker, k)
                 if num_rows * dim * itemsize <= max_bytes:
                     return factor_eigh(self.factor(chunk_bytes=chunk_bytes), k)
                 return gram_eigh(

@@ -35,6 +35,7 @@ from curvlinops_fisher.structure import CachedCurvatureLinearOperator
 KINDS = {
     "ggn": (GGNLinearOperator, {}),
     "ef": (EFLinearOperator, {}),
+    "ef-datum": (EFLinearOperator, {"per_datum": True}),
     "mc1": (FisherMCLinearOperator, {"mc_samples": 1}),
     "mc3": (FisherMCLinearOperator, {"mc_samples": 3, "seed": 7}),
 }
