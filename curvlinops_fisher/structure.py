@@ -1033,29 +1033,14 @@ class ExactStructureMixin:
             itemsize = self.dtype.itemsize
             kronecker = self._kronecker_factor(max_bytes)
             if kronecker is not None:
-                if method == "gram" or prefer_gram(
-                    kronecker.num_rows,
-                    dim,
-                    itemsize,
-                    max_bytes,
-                    k=k,
-                    num_data=self._N_data,
-                    flops_per_point=self._forward_flops_per_point(),
-                    row_length=kronecker.row_length,
+                if self._takes_gram(
+                    method, kronecker.num_rows, k, max_bytes, kronecker.row_length
                 ):
                     return kronecker_eigh(kronecker, k)
                 return eigsh_top(self, k)
             counts = self._row_counts()
             num_rows = sum(counts)
-            if method == "gram" or prefer_gram(
-                num_rows,
-                dim,
-                itemsize,
-                max_bytes,
-                k=k,
-                num_data=self._N_data,
-                flops_per_point=self._forward_flops_per_point(),
-            ):
+            if self._takes_gram(method, num_rows, k, max_bytes):
                 if num_rows * dim * itemsize <= max_bytes:
                     return factor_eigh(self.factor(chunk_bytes=chunk_bytes), k)
                 return gram_eigh(
@@ -1068,6 +1053,26 @@ class ExactStructureMixin:
                     k,
                 )
         return eigsh_top(self, k)
+
+    def _takes_gram(
+        self,
+        method: str,
+        num_rows: int,
+        k: int,
+        max_bytes: int,
+        row_length: int | None = None,
+    ) -> bool:
+        """Whether :meth:`eigh` takes the Gram path: forced, or :func:`prefer_gram`."""
+        return method == "gram" or prefer_gram(
+            num_rows,
+            self.shape[1],
+            self.dtype.itemsize,
+            max_bytes,
+            k=k,
+            num_data=self._N_data,
+            flops_per_point=self._forward_flops_per_point(),
+            row_length=row_length,
+        )
 
     def _streamed_gram(self, counts: list[int], chunk_bytes: int) -> Tensor:
         r"""The Gram matrix :math:`\mathbf{U}\mathbf{U}^\top` without holding :math:`\mathbf{U}`.
