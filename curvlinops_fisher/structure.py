@@ -885,7 +885,9 @@ class ExactStructureMixin:
         P`` rows adds :math:`\mathbf{U}_b^\top\mathbf{U}_b` (``T_b R`` VJPs), a batch
         with more rows adds its curvature times the identity (``P`` columns of
         products, same output factor and MC sample), whichever needs fewer passes.
-        Peak memory: the result plus one chunk of ``chunk_bytes``.
+        Peak memory: the result plus one chunk of ``chunk_bytes``; for rows in
+        Kronecker form also two copies of the largest block of two parameters
+        (the block and its permutation into the result's layout).
 
         Args:
             chunk_bytes: Memory budget of one chunk of rows or identity columns
