@@ -60,6 +60,10 @@ if TYPE_CHECKING:
 _CHECK_SEED = 0
 #: Relative tolerance of the consistency check, by bytes per number.
 _CHECK_RTOL = {8: 1e-9, 4: 1e-4}
+#: Chunks of output rows into which :meth:`KroneckerRows.add_upper_dense` splits a
+#: parameter's diagonal block: each chunk multiplies its columns from its own first
+#: output on, so the block takes about ``(1 + 1 / chunks) / 2`` of its flops.
+DIAGONAL_OUTPUT_CHUNKS = 8
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,21 @@ class LinearLayout:
         return [slice(a, a + size) for a, size in zip(starts, sizes)]
 
     def mirror_upper(self, out: Tensor) -> Tensor:
-        """Copy the upper block triangle of ``out`` ``[P, P]`` onto the lower one."""
+        """Complete ``out`` ``[P, P]`` from its upper triangle in block form.
+
+        The upper triangle is the one :meth:`KroneckerRows.add_upper_dense` fills:
+        the blocks of parameters ``p < q`` (flat order) and, inside the diagonal block
+        of a parameter of shape ``(out, in)``, the sub-blocks ``(o, o')`` with
+        ``o <= o'`` (``[in, in]`` each; rows ``o * in`` to ``(o + 1) * in``). Every
+        other entry is overwritten with its transposed counterpart.
+        """
         spans = self.spans()
         for a, span_p in enumerate(spans):
+            rows, cols = self.slot_shape(a)
+            block = out[span_p, span_p].view(rows, cols, rows, cols)
+            for o in range(rows - 1):
+                # entry ((o', i), (o, j)) := entry ((o, j), (o', i)) for o' > o
+                block[o + 1 :, :, o, :] = block[o, :, o + 1 :, :].permute(1, 2, 0)
             for span_q in spans[a + 1 :]:
                 out[span_q, span_p] = out[span_p, span_q].mT
         return out
@@ -166,6 +182,29 @@ class KroneckerRows:
     output_grads: tuple[Tensor, ...]
     rows_per_point: int
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[KroneckerRows]) -> KroneckerRows:
+        """The rows of several batches as one batch (same layout and rows per point)."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        if any(
+            r.layout != first.layout or r.rows_per_point != first.rows_per_point
+            for r in parts
+        ):
+            raise ValueError("Only rows of one layout and rows per point concatenate.")
+        return cls(
+            first.layout,
+            tuple(torch.cat(t) for t in zip(*(r.inputs for r in parts))),
+            tuple(torch.cat(t) for t in zip(*(r.output_grads for r in parts))),
+            first.rows_per_point,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the inputs and output gradients."""
+        return sum(t.nbytes for t in (*self.inputs, *self.output_grads))
+
     @property
     def num_rows(self) -> int:
         """Number ``n`` of rows."""
@@ -230,37 +269,67 @@ class KroneckerRows:
         return out.reshape(self.num_rows, k)
 
     def add_upper_dense(self, out: Tensor, chunk_bytes: int) -> Tensor:
-        r"""Add :math:`\mathbf{U}^\top\mathbf{U}` to the upper block triangle of ``out``.
+        r"""Add :math:`\mathbf{U}^\top\mathbf{U}` to the upper triangle of ``out`` in block form.
 
-        Adds the blocks of parameters ``p <= q`` (flat order) to ``out`` ``[P, P]``;
-        :meth:`LinearLayout.mirror_upper` completes the matrix, once after all
-        batches. Block ``p, q`` is :math:`\sum_n \mathbf{M}_n \otimes
-        \mathbf{a}_{np}\mathbf{a}_{nq}^\top` with :math:`\mathbf{M}_n = \sum_{i
-        \in n} \mathbf{g}_{ip}\mathbf{g}_{iq}^\top`: one matrix product of
-        :math:`\mathbf{M}` with the Khatri-Rao product of the inputs (data points in
-        chunks of ``chunk_bytes``), :math:`N P_p P_q` multiply-adds against
-        :math:`n P_p P_q` for the explicit rows.
+        Fills what :meth:`LinearLayout.mirror_upper` reads (and may add to entries it
+        overwrites), which completes the matrix once after all batches. Block ``p, q``
+        of two parameters is
+
+        .. math::
+            \sum_n \mathbf{M}_n \otimes \mathbf{a}_{np}\mathbf{a}_{nq}^\top, \qquad
+            \mathbf{M}_n = \sum_{i \in n} \mathbf{g}_{ip}\mathbf{g}_{iq}^\top,
+
+        whose entry :math:`((o, j), (o', j'))` is :math:`\sum_n M_n[o, o']\,
+        a_{np}[j]\,a_{nq}[j']`: the matrix product of :math:`\mathbf{M}` ``[N, out_p
+        out_q]`` with the Khatri-Rao product of the inputs ``[N, in_p in_q]``, added
+        into ``out`` with the axes permuted. :math:`N P_p P_q` multiply-adds against
+        :math:`n P_p P_q` for the explicit rows. Inside a diagonal block only the
+        sub-blocks :math:`o' \geq o_0` of each chunk of outputs :math:`[o_0, o_1)` are
+        multiplied (:data:`DIAGONAL_OUTPUT_CHUNKS` chunks): about
+        :math:`(1 + 1 / \text{chunks}) / 2` of the block's flops. Outputs (and, if one
+        Khatri-Rao product does not fit, data points) go in chunks of at most
+        ``chunk_bytes``.
         """
         slots = list(self._slots())
         for a, (p, span_p) in enumerate(slots):
             for q, span_q in slots[a:]:
-                out[span_p, span_q] += self._dense_block(p, q, chunk_bytes)
+                self._add_dense_block(out[span_p, span_q], p, q, chunk_bytes)
         return out
 
-    def _dense_block(self, p: int, q: int, chunk_bytes: int) -> Tensor:
-        r"""Block ``p, q`` of :math:`\mathbf{U}^\top\mathbf{U}` (see :meth:`add_upper_dense`)."""
+    def _add_dense_block(
+        self, target: Tensor, p: int, q: int, chunk_bytes: int
+    ) -> None:
+        r"""Add block ``p, q`` (upper part if ``p == q``) to ``target`` (see :meth:`add_upper_dense`)."""
         (out_p, in_p), (out_q, in_q) = (self.layout.slot_shape(s) for s in (p, q))
-        M = self._grads(p).mT @ self._grads(q)  # [N, out_p, out_q]
-        L, R = self._left(p), self._left(q)
-        itemsize = M.dtype.itemsize
-        step = max(1, chunk_bytes // ((in_p * in_q + out_p * out_q) * itemsize))
-        block = M.new_zeros(out_p * out_q, in_p * in_q)
-        for start in range(0, self.num_points, step):
-            part = slice(start, start + step)
-            khatri_rao = (L[part].unsqueeze(2) * R[part].unsqueeze(1)).flatten(1)
-            block.addmm_(M[part].flatten(1).mT, khatri_rao)
-        block = block.reshape(out_p, out_q, in_p, in_q).permute(0, 2, 1, 3)
-        return block.reshape(out_p * in_p, out_q * in_q)
+        G_p, G_q = self._grads(p), self._grads(q)  # [N, rows_per_point, out]
+        L_p, L_q = self._left(p), self._left(q)
+        itemsize = G_p.dtype.itemsize
+        inputs = in_p * in_q
+        diagonal = p == q
+        width = -(-out_p // DIAGONAL_OUTPUT_CHUNKS) if diagonal else out_p
+        width = max(1, min(width, chunk_bytes // (out_q * inputs * itemsize)))
+        N = self.num_points
+        step = max(1, chunk_bytes // ((inputs + width * out_q) * itemsize))
+        whole = _khatri_rao(L_p, L_q) if step >= N else None
+        block = target.view(out_p, in_p, out_q, in_q)
+        for o0 in range(0, out_p, width):
+            o1 = min(out_p, o0 + width)
+            start = o0 if diagonal else 0
+            products: Tensor | None = None
+            for n0 in range(0, N, step):
+                part = slice(n0, n0 + step)
+                khatri_rao = (
+                    _khatri_rao(L_p[part], L_q[part]) if whole is None else whole
+                )
+                M = G_p[part, :, o0:o1].mT @ G_q[part, :, start:]
+                M = M.flatten(1).mT  # [(o1 - o0) (out_q - start), n]
+                if products is None:
+                    products = M @ khatri_rao
+                else:
+                    products.addmm_(M, khatri_rao)
+            block[o0:o1, :, start:, :] += products.view(
+                o1 - o0, out_q - start, in_p, in_q
+            ).permute(0, 2, 1, 3)
 
     def squared_norm(self) -> Tensor:
         r"""The trace contribution :math:`\sum_i \|\mathbf{u}_i\|^2` (a scalar)."""
@@ -287,6 +356,11 @@ class KroneckerRows:
             outer = G.unsqueeze(3) * L[:, None, None, :]  # [N, DR, out, in]
             parts.append(outer.reshape(self.num_rows, -1))
         return torch.cat(parts, dim=1)
+
+
+def _khatri_rao(L: Tensor, R: Tensor) -> Tensor:
+    """Row-wise Kronecker products of ``L`` ``[N, a]`` and ``R`` ``[N, b]``: ``[N, a b]``."""
+    return (L.unsqueeze(2) * R.unsqueeze(1)).flatten(1)
 
 
 def kronecker_rows(

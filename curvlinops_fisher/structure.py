@@ -79,11 +79,6 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: its Gram path (the ``n x n`` Gram matrix; the ``n x P`` factor if it also fits):
 #: 256 MiB.
 DEFAULT_MAX_BYTES = 256 * 2**20
-#: Fewest factor rows per data point from which :meth:`ExactStructureMixin.to_dense`
-#: adds rows in Kronecker form block by block rather than as explicit rows: the
-#: blocks take ``1 / (rows per data point)`` of the flops of the rows' Gram product,
-#: but run at about half its speed (block permutations, no symmetric product).
-KRONECKER_DENSE_MIN_ROWS_PER_POINT = 3
 #: Seed of the generator that draws the orthonormal completion of
 #: :meth:`ExactStructureMixin.eigh` and the start vector of ``eigsh``.
 _EIGH_SEED = 0
@@ -649,13 +644,14 @@ def kronecker_eigh(factor: KroneckerFactor, k: int) -> tuple[Tensor, Tensor]:
 class DenseAccumulator:
     r"""Accumulates :math:`\sum_b \mathbf{U}_b^\top\mathbf{U}_b` into a ``[P, P]`` tensor.
 
-    Batches in Kronecker form with at least
-    :data:`KRONECKER_DENSE_MIN_ROWS_PER_POINT` rows per data point add their blocks
-    to the upper block triangle only (:meth:`KroneckerRows.add_upper_dense`, ``D R``
-    times fewer flops than the rows' Gram product); the lower one is completed once,
-    before the next explicit Gram product (which needs a symmetric accumulator) or
-    at the end. Other batches in Kronecker form add the Gram product of their rows,
-    formed from the factors.
+    Batches in Kronecker form are held back and joined (up to ``chunk_bytes`` of
+    factors, so the matrix products run over all their data points at once and
+    ``out`` is visited once per group rather than once per batch), then add their
+    blocks to the upper triangle only (:meth:`KroneckerRows.add_upper_dense`:
+    :math:`N P^2 / 2` multiply-adds against :math:`n P^2 / 2` for the Gram product of
+    the ``n = N D R`` explicit rows, and no row is formed); the lower triangle is
+    completed once, before the next explicit Gram product (which needs a symmetric
+    accumulator) or at the end.
 
     Args:
         out: The accumulator, symmetric on entry (zeros).
@@ -667,14 +663,26 @@ class DenseAccumulator:
         self.out = out
         self.layout = layout
         self._upper_only = False
+        self._pending: list[KroneckerRows] = []
+        self._chunk_bytes = DEFAULT_CHUNK_BYTES
 
     def add_kronecker(self, rows: KroneckerRows, chunk_bytes: int) -> None:
         """Add a batch's rows in Kronecker form."""
-        if rows.rows_per_point >= KRONECKER_DENSE_MIN_ROWS_PER_POINT:
-            rows.add_upper_dense(self.out, chunk_bytes)
+        if self._pending and (
+            rows.rows_per_point != self._pending[0].rows_per_point
+            or sum(r.nbytes for r in self._pending) + rows.nbytes > chunk_bytes
+        ):
+            self._flush()
+        self._pending.append(rows)
+        self._chunk_bytes = chunk_bytes
+
+    def _flush(self) -> None:
+        """Add the held-back batches in Kronecker form to the upper triangle."""
+        if self._pending:
+            joined = KroneckerRows.concatenate(self._pending)
+            self._pending = []
+            joined.add_upper_dense(self.out, self._chunk_bytes)
             self._upper_only = True
-        else:
-            self.add_rows([rows.rows()])
 
     def add_rows(self, chunks: Iterable[Tensor]) -> None:
         """Add the Gram product of explicit rows (see :func:`add_gram`)."""
@@ -682,6 +690,7 @@ class DenseAccumulator:
 
     def symmetric(self) -> Tensor:
         """The accumulator with both triangles complete."""
+        self._flush()
         if self._upper_only:
             self.layout.mirror_upper(self.out)
             self._upper_only = False
@@ -874,20 +883,19 @@ class ExactStructureMixin:
     def to_dense(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
         r"""The matrix :math:`\mathbf{A}` as a dense ``[P, P]`` tensor.
 
-        Accumulated batch by batch: a batch whose rows have the Kronecker form of
-        linear layers with at least :data:`KRONECKER_DENSE_MIN_ROWS_PER_POINT` rows
-        per data point adds :math:`\sum_n \mathbf{M}_n \otimes
-        \mathbf{a}_n\mathbf{a}_n^\top` block by block
-        (:meth:`~curvlinops_fisher.kronecker.KroneckerRows.add_upper_dense`, ``D R``
-        times fewer flops than the rows' Gram product); with fewer, its rows are
-        formed from the Kronecker factors and their Gram product added; otherwise a
-        batch with ``T_b R <=
-        P`` rows adds :math:`\mathbf{U}_b^\top\mathbf{U}_b` (``T_b R`` VJPs), a batch
-        with more rows adds its curvature times the identity (``P`` columns of
-        products, same output factor and MC sample), whichever needs fewer passes.
-        Peak memory: the result plus one chunk of ``chunk_bytes``; for rows in
-        Kronecker form also two copies of the largest block of two parameters
-        (the block and its permutation into the result's layout).
+        Accumulated batch by batch. Batches whose rows have the Kronecker form of
+        linear layers (:mod:`curvlinops_fisher.kronecker`) are joined and add
+        :math:`\sum_n \mathbf{M}_n \otimes \mathbf{a}_n\mathbf{a}_n^\top` to the
+        upper triangle, block by block
+        (:meth:`~curvlinops_fisher.kronecker.KroneckerRows.add_upper_dense`:
+        :math:`N P^2 / 2` multiply-adds, ``D R`` times fewer than the rows' Gram
+        product). Otherwise a batch with ``T_b R <= P`` rows adds
+        :math:`\mathbf{U}_b^\top\mathbf{U}_b` (``T_b R`` VJPs), a batch with more rows
+        adds its curvature times the identity (``P`` columns of products, same output
+        factor and MC sample), whichever needs fewer passes. Peak memory: the result
+        plus one chunk of ``chunk_bytes`` (for rows in Kronecker form: the joined
+        factors, one Khatri-Rao product of two layers' inputs and one chunk of a
+        block's products, each at most ``chunk_bytes``).
 
         Args:
             chunk_bytes: Memory budget of one chunk of rows or identity columns

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from problems import LOSSES, REDUCTIONS, make_problem
-from reference import assert_matrix_close, to_dense
+from reference import assert_matrix_close, dense_ggn, to_dense
 from torch import Tensor, nn
 
 from curvlinops_fisher import (
@@ -105,16 +105,78 @@ def test_reductions_match_explicit_rows(kind: str, case: tuple[str, str, str]):
             )
 
 
-def test_dense_blocks_in_small_chunks():
-    """Khatri-Rao chunks of one data point give the same dense matrix."""
+def wide_mlp_rows(kind: str) -> tuple[list[KroneckerRows], list[Tensor]]:
+    """Kronecker and explicit rows of a 3-20-7 MLP (outputs that chunk unevenly)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 7)).double()
+    data = [
+        (torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 7, (n,)))
+        for n in (5, 4, 6)
+    ]
+    op = build(kind, model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    batches = list(op._linearized_batches())
+    rows = [kronecker_rows(batch, op._linear_layout) for batch in batches]
+    assert all(r is not None for r in rows)
+    return rows, [batch.rows() for batch in batches]
+
+
+@pytest.mark.parametrize("kind", ["ggn", "mc3"])
+@pytest.mark.parametrize("output_chunks", [1, 3, 8, 100])
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 2**30])
+def test_dense_blocks_in_chunks(
+    monkeypatch: pytest.MonkeyPatch, kind: str, output_chunks: int, chunk_bytes: int
+):
+    """Chunks of outputs and data points, joined batches: S + U^T U from symmetric S."""
+    monkeypatch.setattr(kronecker, "DIAGONAL_OUTPUT_CHUNKS", output_chunks)
+    rows, explicit = wide_mlp_rows(kind)
+    layout = rows[0].layout
+    P = layout.dim
+    generator = torch.Generator().manual_seed(0)
+    S = torch.randn(P, P, generator=generator, dtype=torch.float64)
+    S = S + S.mT
+    expected = S + sum(U.mT @ U for U in explicit)
+    joined = KroneckerRows.concatenate(rows)
+    assert joined.num_rows == sum(U.shape[0] for U in explicit)
+    dense = layout.mirror_upper(joined.add_upper_dense(S.clone(), chunk_bytes))
+    torch.testing.assert_close(dense, expected, **TOL)
+    torch.testing.assert_close(dense, dense.mT, rtol=0, atol=0)
+    one_by_one = S.clone()
+    for r in rows:
+        r.add_upper_dense(one_by_one, chunk_bytes)
+    torch.testing.assert_close(layout.mirror_upper(one_by_one), expected, **TOL)
+
+
+def test_concatenate_needs_equal_rows_per_point():
+    """Rows of one data point each and of three each do not join."""
+    ggn_rows, _ = wide_mlp_rows("ggn")
+    mc_rows, _ = wide_mlp_rows("mc3")
+    ef_rows, _ = wide_mlp_rows("ef")
+    assert KroneckerRows.concatenate(ggn_rows[:1]) is ggn_rows[0]
+    with pytest.raises(ValueError, match="rows per point"):
+        KroneckerRows.concatenate([ggn_rows[0], ef_rows[0]])
+    assert mc_rows[0].rows_per_point == 3
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2**30])
+def test_to_dense_joins_kronecker_batches(
+    monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+):
+    """to_dense joins batches up to chunk_bytes of factors; same matrix either way."""
     problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
     op = build("ggn", *problem.args())
-    for batch in op._linearized_batches():
-        rows = kronecker_rows(batch, op._linear_layout)
-        P = op.shape[1]
-        whole = rows.add_upper_dense(torch.zeros(P, P, dtype=torch.float64), 2**30)
-        tiny = rows.add_upper_dense(torch.zeros(P, P, dtype=torch.float64), 1)
-        torch.testing.assert_close(tiny, whole, **TOL)
+    joined_sizes: list[int] = []
+    original = KroneckerRows.add_upper_dense
+
+    def spy(self, out, budget):
+        joined_sizes.append(self.num_points)
+        return original(self, out, budget)
+
+    monkeypatch.setattr(KroneckerRows, "add_upper_dense", spy)
+    dense = op.to_dense(chunk_bytes=chunk_bytes)
+    sizes = [X.shape[0] for X, _ in problem.batches]
+    assert joined_sizes == ([sum(sizes)] if chunk_bytes > 2**20 else sizes)
+    brute_force = dense_ggn(*problem.args(), num_data=problem.num_data)
+    assert_matrix_close(dense, brute_force, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------ operators end to end
