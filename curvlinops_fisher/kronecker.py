@@ -64,6 +64,8 @@ _CHECK_RTOL = {8: 1e-9, 4: 1e-4}
 #: parameter's diagonal block: each chunk multiplies its columns from its own first
 #: output on, so the block takes about ``(1 + 1 / chunks) / 2`` of its flops.
 DIAGONAL_OUTPUT_CHUNKS = 8
+#: Side of the square tiles in which :meth:`LinearLayout.mirror_upper` copies.
+_MIRROR_TILE = 256
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,19 @@ class LinearLayout:
         spans = self.spans()
         for a, span_p in enumerate(spans):
             rows, cols = self.slot_shape(a)
-            block = out[span_p, span_p].view(rows, cols, rows, cols)
-            for o in range(rows - 1):
-                # entry ((o', i), (o, j)) := entry ((o, j), (o', i)) for o' > o
-                block[o + 1 :, :, o, :] = block[o, :, o + 1 :, :].permute(1, 2, 0)
+            block = out[span_p, span_p]
+            step = cols * max(1, _MIRROR_TILE // cols)  # tiles of whole outputs
+            for start in range(0, rows * cols, step):
+                stop = start + step
+                tile = block[start:stop, start:stop]
+                outputs = tile.shape[0] // cols
+                view = tile.view(outputs, cols, outputs, cols)
+                for o in range(outputs - 1):
+                    # entry ((o', i), (o, j)) := entry ((o, j), (o', i)) for o' > o
+                    view[o + 1 :, :, o, :] = view[o, :, o + 1 :, :].permute(1, 2, 0)
+                _copy_transposed(block[stop:, start:stop], block[start:stop, stop:])
             for span_q in spans[a + 1 :]:
-                out[span_q, span_p] = out[span_p, span_q].mT
+                _copy_transposed(out[span_q, span_p], out[span_p, span_q])
         return out
 
     @property
@@ -358,6 +367,20 @@ class KroneckerRows:
         return torch.cat(parts, dim=1)
 
 
+def _copy_transposed(dst: Tensor, src: Tensor) -> None:
+    """``dst[:] = src.mT`` in square tiles of side :data:`_MIRROR_TILE`.
+
+    One transposed copy of a large block reads (or writes) each row on another
+    memory page; tiles keep the pages of a step few.
+    """
+    rows, cols = dst.shape
+    for r in range(0, rows, _MIRROR_TILE):
+        for c in range(0, cols, _MIRROR_TILE):
+            dst[r : r + _MIRROR_TILE, c : c + _MIRROR_TILE] = src[
+                c : c + _MIRROR_TILE, r : r + _MIRROR_TILE
+            ].mT
+
+
 def _khatri_rao(L: Tensor, R: Tensor) -> Tensor:
     """Row-wise Kronecker products of ``L`` ``[N, a]`` and ``R`` ``[N, b]``: ``[N, a b]``."""
     return (L.unsqueeze(2) * R.unsqueeze(1)).flatten(1)
@@ -489,6 +512,21 @@ class KroneckerFactor:
     """
 
     batches: tuple[KroneckerRows, ...]
+
+    @classmethod
+    def joined(cls, batches: Sequence[KroneckerRows]) -> KroneckerFactor:
+        """The factor of ``batches``, consecutive ones of equal rows per point joined.
+
+        Joined batches make each reduction one matrix product per layer over all
+        their data points instead of one per batch (same rows, same order).
+        """
+        groups: list[list[KroneckerRows]] = []
+        for rows in batches:
+            if groups and groups[-1][0].rows_per_point == rows.rows_per_point:
+                groups[-1].append(rows)
+            else:
+                groups.append([rows])
+        return cls(tuple(KroneckerRows.concatenate(group) for group in groups))
 
     @property
     def layout(self) -> LinearLayout:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from problems import LOSSES, REDUCTIONS, make_problem
-from reference import assert_matrix_close, dense_ggn, to_dense
+from reference import assert_matrix_close, dense_ef, dense_ggn, to_dense
 from torch import Tensor, nn
 
 from curvlinops_fisher import (
@@ -123,11 +123,17 @@ def wide_mlp_rows(kind: str) -> tuple[list[KroneckerRows], list[Tensor]]:
 @pytest.mark.parametrize("kind", ["ggn", "mc3"])
 @pytest.mark.parametrize("output_chunks", [1, 3, 8, 100])
 @pytest.mark.parametrize("chunk_bytes", [1, 700, 2**30])
+@pytest.mark.parametrize("tile", [7, 256])
 def test_dense_blocks_in_chunks(
-    monkeypatch: pytest.MonkeyPatch, kind: str, output_chunks: int, chunk_bytes: int
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    output_chunks: int,
+    chunk_bytes: int,
+    tile: int,
 ):
-    """Chunks of outputs and data points, joined batches: S + U^T U from symmetric S."""
+    """Chunks of outputs and data points, joined batches, mirror tiles: S + U^T U."""
     monkeypatch.setattr(kronecker, "DIAGONAL_OUTPUT_CHUNKS", output_chunks)
+    monkeypatch.setattr(kronecker, "_MIRROR_TILE", tile)
     rows, explicit = wide_mlp_rows(kind)
     layout = rows[0].layout
     P = layout.dim
@@ -155,6 +161,38 @@ def test_concatenate_needs_equal_rows_per_point():
     with pytest.raises(ValueError, match="rows per point"):
         KroneckerRows.concatenate([ggn_rows[0], ef_rows[0]])
     assert mc_rows[0].rows_per_point == 3
+
+
+def test_factor_joins_batches_of_equal_rows_per_point():
+    """KroneckerFactor.joined: runs of equal rows per point become one batch."""
+    ggn_rows, ggn_explicit = wide_mlp_rows("ggn")
+    ef_rows, ef_explicit = wide_mlp_rows("ef")
+    parts = [*ggn_rows[:2], *ef_rows, ggn_rows[2]]
+    factor = KroneckerFactor.joined(parts)
+    assert [r.rows_per_point for r in factor.batches] == [7, 1, 7]
+    explicit = torch.cat([*ggn_explicit[:2], *ef_explicit, ggn_explicit[2]])
+    torch.testing.assert_close(factor.rows(), explicit, **TOL)
+    torch.testing.assert_close(factor.gram(), explicit @ explicit.mT, **TOL)
+
+
+@pytest.mark.parametrize("min_points", [1, 10**6])
+def test_to_dense_one_row_per_point(monkeypatch: pytest.MonkeyPatch, min_points: int):
+    """EF: Kronecker blocks from enough points, explicit rows below; both exact."""
+    monkeypatch.setattr(structure, "KRONECKER_DENSE_MIN_POINTS_ONE_ROW", min_points)
+    problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
+    op = build("ef", *problem.args())
+    calls: list[int] = []
+    original = KroneckerRows.add_upper_dense
+
+    def spy(self, out, budget):
+        calls.append(self.num_points)
+        return original(self, out, budget)
+
+    monkeypatch.setattr(KroneckerRows, "add_upper_dense", spy)
+    dense = op.to_dense()
+    assert calls == ([problem.num_data] if min_points == 1 else [])
+    brute_force = dense_ef(*problem.args(), num_data=problem.num_data)
+    assert_matrix_close(dense, brute_force, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2**30])

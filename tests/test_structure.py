@@ -230,6 +230,25 @@ def test_eigh_beyond_rank(method: str) -> None:
     assert_eigenpairs(brute_force, values, vectors, problem.dim)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 11])
+def test_top_eigh_subset_matches_full(dtype: torch.dtype, k: int) -> None:
+    """LAPACK's subset eigensolver (k < n on the CPU) equals the full eigh's top k."""
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    gram = (A @ A.mT).to(dtype)  # rank 5: three zero eigenvalues
+    values, W = structure._top_eigh(gram, k)
+    full_values, full_W = torch.linalg.eigh(gram)
+    m = min(k, 8)
+    assert values.shape == (m,) and W.shape == (8, m)
+    assert values.dtype == dtype and W.dtype == dtype
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {}
+    torch.testing.assert_close(values, full_values.flip(0)[:m], **tol)
+    assert bool((values[:-1] >= values[1:]).all())
+    torch.testing.assert_close(gram @ W[:, :5], W[:, :5] * values[:5], **tol)
+    torch.testing.assert_close(W.mT @ W, torch.eye(m, dtype=dtype), **tol)
+
+
 def test_eigh_invalid_arguments() -> None:
     problem = make_problem("mlp_tanh", "mse", "mean", "single")
     op = build("ggn", problem)
