@@ -28,6 +28,7 @@ from curvlinops_fisher.errors import (
     ParameterError,
     TargetError,
     UnsupportedLossError,
+    all_finite,
 )
 
 try:  # documented location; a missing export fails the vector tests, not collection
@@ -559,3 +560,24 @@ def test_nondeterministic(name: str, kind: str) -> None:
 
     op = build(name, problem, check_deterministic=False, **overrides)
     assert op.shape == (op.shape[1], op.shape[1])
+
+
+@pytest.mark.parametrize(
+    "tensors, expected",
+    [
+        ([], True),
+        ([torch.randn(5), torch.randn(2, 3, dtype=torch.float64)], True),
+        ([torch.full((10,), 3e38)], True),  # the sum overflows, the entries do not
+        ([torch.full((4,), 6e4, dtype=torch.float16)], True),
+        ([torch.full((4,), 3e38, dtype=torch.bfloat16)], True),
+        ([torch.tensor([1, 2])], True),
+        ([torch.randn(3), torch.tensor([1.0, float("nan")])], False),
+        ([torch.tensor([float("inf"), -float("inf")])], False),
+        ([torch.tensor([1.0, float("inf")], dtype=torch.float16)], False),
+        ([torch.tensor([1 + 1j, complex(0, float("inf"))])], False),
+        ([torch.tensor([1 + 1j, 2 - 1j])], True),
+    ],
+)
+def test_all_finite(tensors: list[Tensor], expected: bool) -> None:
+    """Finite sums prove finiteness; an overflowing sum falls back to the entries."""
+    assert all_finite(tensors) is expected
