@@ -17,7 +17,7 @@ output-space contraction with :math:`\mathbf{B}_t\mathbf{B}_t^\top` (see
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn import Module
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from curvlinops_fisher.data import ModelInput
 from curvlinops_fisher.errors import ParameterError
@@ -37,6 +38,13 @@ ModelFunction = Callable[[tuple[Tensor, ...], ModelInput], Tensor]
 DEFAULT_MAX_COLUMNS = 64
 #: Default seed of the Monte-Carlo Fisher's generator (operators and functional API).
 DEFAULT_MC_SEED = 2147483647
+#: Fewest entries of some differentiated parameter from which a one-column product
+#: runs its forward pass under :class:`_LinearTangentShortcut`. The mode saves a
+#: matrix product as large as the forward of each linear layer fed by the data, but
+#: costs some microseconds of Python per operation of the forward pass, which only
+#: pays for layers of this size (measured: 2.1-2.3 to 1.9-2.1 gradient passes for
+#: a product on an MLP 784-256-256-10; 10% slower on an MLP 20-64-64-5).
+LINEAR_SHORTCUT_MIN_NUMEL = 2**15
 
 
 def parameter_names(model: Module, params: Sequence[Tensor]) -> tuple[str, ...]:
@@ -315,7 +323,12 @@ def _linearize_one_column(
     if torch.compiler.is_compiling():  # dual numbers do not trace; torch.func does
         return _linearize_columns(model_function, params, X, V)
     leaves = tuple(p.detach().requires_grad_() for p in params)
-    with torch.enable_grad(), forward_ad.dual_level():
+    shortcut = (
+        _LinearTangentShortcut()
+        if any(p.numel() >= LINEAR_SHORTCUT_MIN_NUMEL for p in params)
+        else nullcontext()
+    )
+    with torch.enable_grad(), forward_ad.dual_level(), shortcut:
         duals = tuple(forward_ad.make_dual(leaf, v[0]) for leaf, v in zip(leaves, V))
         output, jv = forward_ad.unpack_dual(model_function(duals, X))
 
@@ -327,3 +340,51 @@ def _linearize_one_column(
         )
 
     return output.detach(), jv.detach().unsqueeze(0), backward
+
+
+class _LinearTangentShortcut(TorchFunctionMode):
+    r"""Tangent of ``F.linear`` on an input without tangent, without the zero product.
+
+    PyTorch's forward-mode rule of ``addmm`` / ``mm`` computes
+    :math:`\dot{\mathbf{X}}\mathbf{W}^\top + \mathbf{X}\dot{\mathbf{W}}^\top`
+    even when the input :math:`\mathbf{X}` carries no tangent: the missing tangent
+    becomes a zero tensor that is multiplied like a dense one. For the first layer of
+    a network (the data carry no tangent) that is a whole wasted matrix product, as
+    expensive as the layer's forward pass. Under this mode such a call computes the
+    primal with autograd (as before) and the tangent
+    :math:`\mathbf{X}\dot{\mathbf{W}}^\top + \dot{\mathbf{b}}` without it (the
+    same sum, without the zero term; the backward pass never differentiates a
+    tangent), and attaches it with ``make_dual``. Every other call runs unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            shortcut = _linear_without_input_tangent(*args, **kwargs)
+            if shortcut is not None:
+                return shortcut
+        return func(*args, **kwargs)
+
+
+def _linear_without_input_tangent(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor | None:
+    """``F.linear`` with its tangent if ``input`` has none and ``weight`` has one.
+
+    Returns:
+        The dual output, or ``None`` if the shortcut does not apply.
+    """
+    if forward_ad.unpack_dual(input).tangent is not None:
+        return None
+    weight_primal, weight_tangent = forward_ad.unpack_dual(weight)
+    if weight_tangent is None:
+        return None
+    bias_primal, bias_tangent = (
+        (None, None) if bias is None else forward_ad.unpack_dual(bias)
+    )
+    output = torch.nn.functional.linear(input, weight_primal, bias_primal)
+    with torch.no_grad():
+        tangent = torch.nn.functional.linear(input, weight_tangent)
+        if bias_tangent is not None:
+            tangent = bias_tangent + tangent
+    return forward_ad.make_dual(output, tangent)

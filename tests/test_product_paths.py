@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from reference import dense_ef, dense_ggn
 from torch import nn
 
 from curvlinops_fisher import (
     EFLinearOperator,
     FisherMCLinearOperator,
     GGNLinearOperator,
+    core,
 )
 
 OPERATORS = [GGNLinearOperator, EFLinearOperator, FisherMCLinearOperator]
@@ -67,3 +69,73 @@ def test_results_carry_no_graph_for_a_parameter_subset(cls):
     ]
     assert not any(r.requires_grad for r in results)
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------- tangent shortcut of data-fed layers
+
+
+class SequenceHead(nn.Module):
+    """A linear layer on ``[N, T, in]`` inputs (outputs ``[N, T, C]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def shortcut_problem(name: str):
+    """Models whose first linear layer is fed by the data, with several parameter sets."""
+    torch.manual_seed(0)
+    if name == "sequence":
+        model = SequenceHead().double()
+        data = [
+            (torch.randn(n, 2, 4).double(), torch.randn(n, 2, 3).double())
+            for n in (3, 5)
+        ]
+        return model, nn.MSELoss(), list(model.parameters()), data
+    first = nn.Linear(4, 6, bias=name != "no_bias")
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(6, 3)).double()
+    data = [(torch.randn(n, 4).double(), torch.randint(0, 3, (n,))) for n in (3, 5)]
+    params = {
+        "mlp": list(model.parameters()),
+        "no_bias": list(model.parameters()),
+        "first_weight_only": [first.weight, *model[2].parameters()],
+        "first_bias_only": [first.bias, *model[2].parameters()],
+    }[name]
+    return model, nn.CrossEntropyLoss(), params, data
+
+
+SHORTCUT_CASES = ["mlp", "no_bias", "first_weight_only", "first_bias_only", "sequence"]
+
+
+@pytest.mark.parametrize("cls", OPERATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", SHORTCUT_CASES)
+def test_linear_tangent_shortcut_is_exact(monkeypatch, cls, name):
+    """The shortcut gives the same bits as PyTorch's rule, and the brute-force matrix."""
+    args = shortcut_problem(name)
+    op = cls(*args)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 2**62)
+    without = op @ v
+    fired = []
+    original = core._linear_without_input_tangent
+
+    def spy(*a, **k):
+        result = original(*a, **k)
+        fired.append(result is not None)
+        return result
+
+    monkeypatch.setattr(core, "_linear_without_input_tangent", spy)
+    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
+    with_shortcut = op @ v
+    assert torch.equal(with_shortcut, without)
+    # the data-fed layer takes the shortcut unless its weight has no tangent
+    assert any(fired) == (name != "first_bias_only")
+    assert not with_shortcut.requires_grad
+    assert all(p.grad is None for p in op._params)
+    if cls is not FisherMCLinearOperator:
+        dense = (dense_ggn if cls is GGNLinearOperator else dense_ef)(*args)
+        torch.testing.assert_close(with_shortcut, dense @ v, rtol=1e-10, atol=1e-12)
