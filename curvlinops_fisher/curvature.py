@@ -258,6 +258,11 @@ class CurvatureLinearOperator(
         factor_kind = self._factor_kind()
         params = self._param_values()
         result = [torch.zeros_like(v) for v in V]
+        if V[0].shape[0] == 1:
+            # One column goes through dual numbers, whose make_dual copies a tangent
+            # that shares its storage with other data (views of the flat vector):
+            # one copy here instead of one per batch.
+            V = tuple(v.clone() for v in V)
         for index, (X, y) in enumerate(self._batches("matmat")):
             scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
             with naming_batch(index):
