@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from problems import MODELS, make_problem
 from reference import dense_ef, dense_ggn
 from torch import nn
 
@@ -139,3 +140,16 @@ def test_linear_tangent_shortcut_is_exact(monkeypatch, cls, name):
     if cls is not FisherMCLinearOperator:
         dense = (dense_ggn if cls is GGNLinearOperator else dense_ef)(*args)
         torch.testing.assert_close(with_shortcut, dense @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_linear_tangent_shortcut_on_every_test_model(monkeypatch, model_name):
+    """Forced on, the shortcut changes no bit of any test model's product."""
+    loss = "mse" if model_name in ("seq", "conv_seg", "scalar") else "ce"
+    problem = make_problem(model_name, loss, "mean", layout="unequal")
+    op = GGNLinearOperator(*problem.args(), **problem.kwargs())
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 2**62)
+    without = op @ v
+    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
+    assert torch.equal(op @ v, without)
