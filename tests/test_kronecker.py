@@ -61,6 +61,19 @@ def spy_kronecker(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return found
 
 
+def spy_dense_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the data points of every group that adds dense blocks in Kronecker form."""
+    points: list[int] = []
+    original = KroneckerRows.add_upper_dense
+
+    def spy(self, out, chunk_bytes):
+        points.append(self.num_points)
+        return original(self, out, chunk_bytes)
+
+    monkeypatch.setattr(KroneckerRows, "add_upper_dense", spy)
+    return points
+
+
 # ------------------------------------------------------------- the reductions
 
 REDUCTION_CASES = [
@@ -181,14 +194,7 @@ def test_to_dense_one_row_per_point(monkeypatch: pytest.MonkeyPatch, min_points:
     monkeypatch.setattr(structure, "KRONECKER_DENSE_MIN_POINTS_ONE_ROW", min_points)
     problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
     op = build("ef", *problem.args())
-    calls: list[int] = []
-    original = KroneckerRows.add_upper_dense
-
-    def spy(self, out, budget):
-        calls.append(self.num_points)
-        return original(self, out, budget)
-
-    monkeypatch.setattr(KroneckerRows, "add_upper_dense", spy)
+    calls = spy_dense_blocks(monkeypatch)
     dense = op.to_dense()
     assert calls == ([problem.num_data] if min_points == 1 else [])
     brute_force = dense_ef(*problem.args(), num_data=problem.num_data)
@@ -202,14 +208,7 @@ def test_to_dense_joins_kronecker_batches(
     """to_dense joins batches up to chunk_bytes of factors; same matrix either way."""
     problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
     op = build("ggn", *problem.args())
-    joined_sizes: list[int] = []
-    original = KroneckerRows.add_upper_dense
-
-    def spy(self, out, budget):
-        joined_sizes.append(self.num_points)
-        return original(self, out, budget)
-
-    monkeypatch.setattr(KroneckerRows, "add_upper_dense", spy)
+    joined_sizes = spy_dense_blocks(monkeypatch)
     dense = op.to_dense(chunk_bytes=chunk_bytes)
     sizes = [X.shape[0] for X, _ in problem.batches]
     assert joined_sizes == ([sum(sizes)] if chunk_bytes > 2**20 else sizes)
