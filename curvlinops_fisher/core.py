@@ -31,6 +31,11 @@ from curvlinops_fisher.data import ModelInput
 from curvlinops_fisher.errors import ParameterError
 from curvlinops_fisher.factors import BatchOutputFactor, OutputFactorKind
 from curvlinops_fisher.losses import FisherLoss
+from curvlinops_fisher.sequential import (
+    Linearization,
+    SequentialChain,
+    sequential_chain,
+)
 
 ModelFunction = Callable[[tuple[Tensor, ...], ModelInput], Tensor]
 
@@ -45,6 +50,11 @@ DEFAULT_MC_SEED = 2147483647
 #: pays for layers of this size (measured: 2.1-2.3 to 1.9-2.1 gradient passes for
 #: a product on an MLP 784-256-256-10; 10% slower on an MLP 20-64-64-5).
 LINEAR_SHORTCUT_MIN_NUMEL = 2**15
+#: Whether products of MLPs (``nn.Sequential`` of linear layers and elementwise
+#: activations) use their closed-form linearization
+#: (:mod:`curvlinops_fisher.sequential`) instead of forward- and reverse-mode AD.
+#: Same numbers to rounding; measured 1.3-1.5x faster products on MLPs.
+SEQUENTIAL_CHAIN_PRODUCTS = True
 
 
 def parameter_names(model: Module, params: Sequence[Tensor]) -> tuple[str, ...]:
@@ -113,31 +123,54 @@ def named_model_function(
     """
     names = tuple(names)
     if isinstance(model, Module):
-        # Every name under which each differentiated tensor lives (tied weights, e.g.
-        # a language model's embedding and output layer, live under several), found
-        # once here so that each call can skip functional_call's own search for ties.
-        aliases = _tied_aliases(model, names)
-        all_names = tuple(n for name in names for n in aliases[name])
-        repeats = tuple(len(aliases[name]) for name in names)
-
-        def call(named: dict[str, Tensor], X: ModelInput) -> Tensor:
-            return functional_call(model, named, (X,), tie_weights=False)
-
-        def model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
-            if len(all_names) != len(names):
-                param_values = tuple(
-                    p for p, r in zip(param_values, repeats) for _ in range(r)
-                )
-            with forward_ad_compatible_kernels():
-                return call(dict(zip(all_names, param_values)), X)
-
-        return model_function
+        return ModuleFunction(model, names)
 
     def pure_model_function(param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
         with forward_ad_compatible_kernels():
             return model(dict(zip(names, param_values)), X)
 
     return pure_model_function
+
+
+class ModuleFunction:
+    """``f(param_values, X)`` of an ``nn.Module``, run with ``functional_call``.
+
+    Parameters not in ``names`` and buffers keep the module's values. If the module
+    is an MLP that :mod:`curvlinops_fisher.sequential` linearizes in closed form,
+    :attr:`sequential` holds its chain (products take it while it is current).
+
+    Args:
+        model: The module.
+        names: The names the positional ``param_values`` stand for, in order.
+    """
+
+    def __init__(self, model: Module, names: tuple[str, ...]):
+        """Find the tied aliases and the closed-form chain (see the class docstring)."""
+        self.model, self.names = model, names
+        # Every name under which each differentiated tensor lives (tied weights, e.g.
+        # a language model's embedding and output layer, live under several), found
+        # once here so that each call can skip functional_call's own search for ties.
+        aliases = _tied_aliases(model, names)
+        self._all_names = tuple(n for name in names for n in aliases[name])
+        self._repeats = tuple(len(aliases[name]) for name in names)
+        self.sequential: SequentialChain | None = sequential_chain(
+            model,
+            {alias: slot for slot, name in enumerate(names) for alias in aliases[name]},
+        )
+
+    def __call__(self, param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
+        """The model's output at ``param_values`` for input ``X``."""
+        if len(self._all_names) != len(self.names):
+            param_values = tuple(
+                p for p, r in zip(param_values, self._repeats) for _ in range(r)
+            )
+        with forward_ad_compatible_kernels():
+            return functional_call(
+                self.model,
+                dict(zip(self._all_names, param_values)),
+                (X,),
+                tie_weights=False,
+            )
 
 
 def _tied_aliases(model: Module, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -194,6 +227,7 @@ def batch_curvature_matmat(
     scale: float = 1.0,
     max_columns: int | None = None,
     check_targets: bool = False,
+    out: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, ...]:
     r"""Multiply one batch's curvature onto a matrix.
 
@@ -219,26 +253,21 @@ def batch_curvature_matmat(
         max_columns: Largest number of columns that share a forward pass (bounds
             memory: each column carries a tangent of every activation). ``None``: all.
         check_targets: Validate ``y`` against the output first.
+        out: Contiguous tensors in the format of ``V`` to add the product to (the
+            backward pass accumulates into them: no temporary per batch). ``None``:
+            new zeros.
 
     Returns:
-        The product in the format of ``V``.
+        ``out`` plus the product, in the format of ``V``.
     """
+    if out is None:
+        out = tuple(torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in V)
     K = V[0].shape[0]
-    if K == 0:
-        return tuple(torch.zeros_like(v) for v in V)
     step = K if max_columns is None else max(1, max_columns)
     factor: BatchOutputFactor | None = None
-    results = []
     for start in range(0, K, step):
         V_chunk = tuple(v[start : start + step] for v in V)
-        if V_chunk[0].shape[0] == 1:
-            output, JV, backward = _linearize_one_column(
-                model_function, params, X, V_chunk
-            )
-        else:
-            output, JV, backward = _linearize_columns(
-                model_function, params, X, V_chunk
-            )
+        output, JV, backward = linearize(model_function, params, X, V_chunk)
         if factor is None:
             if check_targets:
                 loss.check_targets(output, y)
@@ -248,13 +277,45 @@ def batch_curvature_matmat(
         W = factor.apply(loss.flatten(JV, lead=1))
         if scale != 1.0:
             W = W * scale
-        results.append(backward(loss.unflatten(W, output.shape, lead=1)))
-    if len(results) == 1:
-        return results[0]
-    return tuple(torch.cat(chunks) for chunks in zip(*results))
+        out_chunk = tuple(o[start : start + step] for o in out)
+        backward(loss.unflatten(W, output.shape, lead=1), out_chunk)
+    return out
 
 
-Linearization = tuple[Tensor, Tensor, Callable[[Tensor], tuple[Tensor, ...]]]
+def linearize(
+    model_function: ModelFunction,
+    params: tuple[Tensor, ...],
+    X: ModelInput,
+    V: tuple[Tensor, ...],
+) -> Linearization:
+    """Forward pass with the tangents of ``V``'s columns, and the batched VJP.
+
+    Takes the closed-form chain of an MLP (:mod:`curvlinops_fisher.sequential`) when
+    the model has one that is still current and :data:`SEQUENTIAL_CHAIN_PRODUCTS` is
+    on; otherwise dual numbers for one column and ``torch.func`` for several.
+
+    Args:
+        model_function: ``f(param_values, X)``.
+        params: Parameter values.
+        X: Batch input.
+        V: Columns with a leading axis, ``V[i]`` of shape ``(K, *params[i].shape)``.
+
+    Returns:
+        The detached output, the Jacobian-vector products ``(K, *output.shape)``, and
+        the VJP ``backward(cotangents, out)``, batched over the columns: it adds the
+        VJPs of cotangents ``(K, *output.shape)`` to ``out`` (format of ``V``).
+    """
+    chain = getattr(model_function, "sequential", None)
+    if (
+        SEQUENTIAL_CHAIN_PRODUCTS
+        and chain is not None
+        and isinstance(X, Tensor)
+        and chain.is_current()
+    ):
+        return chain.linearize(params, X, V)
+    if V[0].shape[0] == 1:
+        return _linearize_one_column(model_function, params, X, V)
+    return _linearize_columns(model_function, params, X, V)
 
 
 def _linearize_columns(
@@ -266,16 +327,7 @@ def _linearize_columns(
     """Forward pass with ``K`` tangents (``torch.func``: ``vmap`` of ``jvp`` in ``vjp``).
 
     The primal is computed once; the tangents of the ``K`` columns are batched.
-
-    Args:
-        model_function: ``f(param_values, X)``.
-        params: Parameter values.
-        X: Batch input.
-        V: Columns with a leading axis, ``V[i]`` of shape ``(K, *params[i].shape)``.
-
-    Returns:
-        The detached output, the Jacobian-vector products ``(K, *output.shape)``, and
-        the VJP for cotangents ``(K, *output.shape)``, batched over the columns.
+    Arguments and result as in :func:`linearize`.
     """
 
     def forward_with_tangents(p: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -290,10 +342,11 @@ def _linearize_columns(
     with torch.no_grad():
         output, vjp_fn, JV = vjp(forward_with_tangents, params, has_aux=True)
 
-    def backward(cotangents: Tensor) -> tuple[Tensor, ...]:
+    def backward(cotangents: Tensor, out: tuple[Tensor, ...]) -> None:
         with torch.no_grad():
             (result,) = vmap(vjp_fn)(cotangents)
-        return result
+            for acc, r in zip(out, result):
+                acc.add_(r)
 
     return output, JV, backward
 
@@ -332,12 +385,12 @@ def _linearize_one_column(
         duals = tuple(forward_ad.make_dual(leaf, v[0]) for leaf, v in zip(leaves, V))
         output, jv = forward_ad.unpack_dual(model_function(duals, X))
 
-    def backward(cotangents: Tensor) -> tuple[Tensor, ...]:
+    def backward(cotangents: Tensor, out: tuple[Tensor, ...]) -> None:
         grads = torch.autograd.grad(output, leaves, cotangents[0], allow_unused=True)
-        return tuple(
-            torch.zeros_like(leaf).unsqueeze(0) if g is None else g.unsqueeze(0)
-            for leaf, g in zip(leaves, grads)
-        )
+        with torch.no_grad():
+            for acc, g in zip(out, grads):
+                if g is not None:
+                    acc[0].add_(g)
 
     return output.detach(), jv.detach().unsqueeze(0), backward
 

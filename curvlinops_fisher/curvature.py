@@ -257,12 +257,15 @@ class CurvatureLinearOperator(
         """
         factor_kind = self._factor_kind()
         params = self._param_values()
-        result = [torch.zeros_like(v) for v in V]
+        result = tuple(torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in V)
+        # One copy here instead of one per batch: a single column goes through dual
+        # numbers, whose make_dual copies a tangent that shares its storage with
+        # other data (views of the flat vector); several columns are moved-axis views
+        # of a [P, K] matrix, which matrix products would copy to be contiguous.
         if V[0].shape[0] == 1:
-            # One column goes through dual numbers, whose make_dual copies a tangent
-            # that shares its storage with other data (views of the flat vector):
-            # one copy here instead of one per batch.
             V = tuple(v.clone() for v in V)
+        else:
+            V = tuple(v.contiguous() for v in V)
         for index, (X, y) in enumerate(self._batches("matmat")):
             scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
             with naming_batch(index):
@@ -277,15 +280,17 @@ class CurvatureLinearOperator(
                     scale=scale,
                     max_columns=self.max_columns_per_pass,
                     check_targets=not self._targets_checked,
+                    # On the error path each batch's part is checked on its own.
+                    out=None if check_batches else result,
                 )
                 if check_batches:
                     check_finite(
                         batch_result, "The batch's contribution to the product"
                     )
-            for acc, r in zip(result, batch_result):
-                acc.add_(r)
+                    for acc, r in zip(result, batch_result):
+                        acc.add_(r)
         self._targets_checked = True
-        return result
+        return list(result)
 
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
         r"""Gradient and value of the data set's risk :math:`\sum_b c_b \sum_{t \in b} \ell_t`.

@@ -1,4 +1,9 @@
-"""A single column (eager forward-mode AD) and several columns (torch.func) agree."""
+"""A single column (eager forward-mode AD) and several columns (torch.func) agree.
+
+The model of :func:`problem` is an ``nn.Sequential`` MLP, so its products take the
+closed-form chain (:mod:`curvlinops_fisher.sequential`) unless it is switched off:
+the tests that are about the AD paths run with both.
+"""
 
 import pytest
 import torch
@@ -12,8 +17,17 @@ from curvlinops_fisher import (
     GGNLinearOperator,
     core,
 )
+from curvlinops_fisher.factors import GGNFactor
+from curvlinops_fisher.losses import make_fisher_loss
 
 OPERATORS = [GGNLinearOperator, EFLinearOperator, FisherMCLinearOperator]
+
+
+@pytest.fixture(params=["chain", "ad"])
+def product_path(request, monkeypatch) -> str:
+    """Run a test with the closed-form MLP chain on and off."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", request.param == "chain")
+    return request.param
 
 
 def problem():
@@ -25,7 +39,7 @@ def problem():
 
 
 @pytest.mark.parametrize("cls", OPERATORS, ids=lambda c: c.__name__)
-def test_single_column_equals_batched_columns(cls):
+def test_single_column_equals_batched_columns(cls, product_path):
     op = cls(*problem())
     V = torch.randn(op.shape[1], 3, dtype=torch.float64)
     batched = op @ V
@@ -34,7 +48,7 @@ def test_single_column_equals_batched_columns(cls):
 
 
 @pytest.mark.parametrize("cls", OPERATORS, ids=lambda c: c.__name__)
-def test_products_work_under_no_grad(cls):
+def test_products_work_under_no_grad(cls, product_path):
     op = cls(*problem())
     v = torch.randn(op.shape[1], dtype=torch.float64)
     V = torch.randn(op.shape[1], 2, dtype=torch.float64)
@@ -45,7 +59,7 @@ def test_products_work_under_no_grad(cls):
 
 
 @pytest.mark.parametrize("cls", OPERATORS, ids=lambda c: c.__name__)
-def test_results_carry_no_graph(cls):
+def test_results_carry_no_graph(cls, product_path):
     op = cls(*problem())
     v = torch.randn(op.shape[1], dtype=torch.float64)
     assert not (op @ v).requires_grad
@@ -54,7 +68,7 @@ def test_results_carry_no_graph(cls):
 
 
 @pytest.mark.parametrize("cls", OPERATORS, ids=lambda c: c.__name__)
-def test_results_carry_no_graph_for_a_parameter_subset(cls):
+def test_results_carry_no_graph_for_a_parameter_subset(cls, product_path):
     """Trainable module parameters outside ``params`` leave no graph in any result."""
     model, loss_func, _, data = problem()
     op = cls(model, loss_func, [model[0].weight], data)
@@ -116,6 +130,7 @@ SHORTCUT_CASES = ["mlp", "no_bias", "first_weight_only", "first_bias_only", "seq
 @pytest.mark.parametrize("name", SHORTCUT_CASES)
 def test_linear_tangent_shortcut_is_exact(monkeypatch, cls, name):
     """The shortcut gives the same bits as PyTorch's rule, and the brute-force matrix."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
     args = shortcut_problem(name)
     op = cls(*args)
     v = torch.randn(op.shape[1], dtype=torch.float64)
@@ -145,6 +160,7 @@ def test_linear_tangent_shortcut_is_exact(monkeypatch, cls, name):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_linear_tangent_shortcut_on_every_test_model(monkeypatch, model_name):
     """Forced on, the shortcut changes no bit of any test model's product."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
     loss = "mse" if model_name in ("seq", "conv_seg", "scalar") else "ce"
     problem = make_problem(model_name, loss, "mean", layout="unequal")
     op = GGNLinearOperator(*problem.args(), **problem.kwargs())
@@ -153,3 +169,25 @@ def test_linear_tangent_shortcut_on_every_test_model(monkeypatch, model_name):
     without = op @ v
     monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
     assert torch.equal(op @ v, without)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("model_name", ["sequential", "module"])
+def test_batch_product_adds_into_out(product_path, model_name, K):
+    """``out=`` gets the product added (for every path: chain, dual numbers, vmap)."""
+    if model_name == "sequential":
+        model, loss_func, params, data = problem()
+    else:
+        model, loss_func, params, data = shortcut_problem("sequence")
+    X, y = data[0]
+    loss = make_fisher_loss(loss_func)
+    model_function = core.make_model_function(model, params)
+    V = tuple(torch.randn(K, *p.shape, dtype=torch.float64) for p in params)
+    start = tuple(torch.randn(K, *p.shape, dtype=torch.float64) for p in params)
+    out = tuple(s.clone() for s in start)
+    args = (model_function, tuple(params), X, y, V, loss, GGNFactor())
+    fresh = core.batch_curvature_matmat(*args, scale=0.5, max_columns=2)
+    returned = core.batch_curvature_matmat(*args, scale=0.5, max_columns=2, out=out)
+    assert returned is out
+    for o, s, f in zip(out, start, fresh):
+        torch.testing.assert_close(o, s + f, rtol=1e-13, atol=1e-14)

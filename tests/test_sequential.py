@@ -1,0 +1,409 @@
+"""Closed-form products of ``nn.Sequential`` MLPs against brute force and the AD path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from reference import dense_ef, dense_fisher_mc, dense_ggn
+from torch import nn
+from torch.nn.utils import parametrize
+
+from curvlinops_fisher import (
+    EFLinearOperator,
+    FisherMCLinearOperator,
+    GGNLinearOperator,
+    core,
+    functional,
+)
+from curvlinops_fisher.sequential import (
+    CLOSED_FORM_ACTIVATIONS,
+    ELEMENTWISE_ACTIVATIONS,
+    SequentialChain,
+    sequential_chain,
+)
+
+#: Operator classes and their brute-force matrices.
+REFERENCES = (
+    (GGNLinearOperator, dense_ggn),
+    (EFLinearOperator, dense_ef),
+    (FisherMCLinearOperator, dense_fisher_mc),
+)
+OPERATORS = [cls for cls, _ in REFERENCES]
+BATCH_SIZES = (3, 5, 2)
+
+
+def operator_id(cls: type) -> str:
+    """Short test id of an operator class."""
+    return cls.__name__.removesuffix("LinearOperator")
+
+
+def targets(loss: str, out_shape: tuple[int, ...], generator: torch.Generator):
+    """Random targets for ``loss`` and a batch output of ``out_shape``."""
+    if loss == "ce":
+        return torch.randint(0, out_shape[1], out_shape[:1], generator=generator)
+    if loss == "bce":
+        return torch.randint(0, 2, out_shape, generator=generator).double()
+    return torch.randn(out_shape, generator=generator, dtype=torch.float64)
+
+
+def make_loss(loss: str, reduction: str) -> nn.Module:
+    """The loss function named ``loss``."""
+    cls = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}
+    return cls[loss](reduction=reduction)
+
+
+def mlp(activation: nn.Module | None = None, bias: bool = True) -> nn.Sequential:
+    """``Linear(4, 5) -> activation -> Linear(5, 3)`` in float64."""
+    torch.manual_seed(0)
+    act = nn.Tanh() if activation is None else activation
+    return nn.Sequential(
+        nn.Linear(4, 5, bias=bias), act, nn.Linear(5, 3, bias=bias)
+    ).double()
+
+
+def model_case(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A qualifying model and the shape of one input datum."""
+    torch.manual_seed(0)
+    if name == "nested":
+        inner = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+        head = nn.Sequential(nn.Identity(), nn.Dropout(0.5), nn.Linear(5, 3))
+        return nn.Sequential(inner, nn.ReLU(), head).double().eval(), (4,)
+    if name == "flatten":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+        return model.double(), (2, 2, 2)
+    if name == "flatten_middle":
+        model = nn.Sequential(
+            nn.Linear(2, 4), nn.Tanh(), nn.Flatten(1, 2), nn.Linear(12, 3)
+        )
+        return model.double(), (3, 2)
+    if name == "deep":
+        model = nn.Sequential(
+            nn.Linear(4, 6),
+            nn.GELU(),
+            nn.Linear(6, 5, bias=False),
+            nn.Sigmoid(),
+            nn.Linear(5, 4),
+            nn.LeakyReLU(0.2),
+            nn.Linear(4, 3),
+        )
+        return model.double(), (4,)
+    if name == "tied":  # one module called twice
+        shared = nn.Linear(5, 5)
+        model = nn.Sequential(
+            nn.Linear(4, 5), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(5, 3)
+        )
+        return model.double(), (4,)
+    if name == "tied_weight":  # two modules holding one weight
+        first, second = nn.Linear(5, 5), nn.Linear(5, 5)
+        second.weight = first.weight
+        model = nn.Sequential(
+            nn.Linear(4, 5), nn.Tanh(), first, nn.Tanh(), second, nn.Linear(5, 3)
+        )
+        return model.double(), (4,)
+    if name == "activation_last":
+        model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Tanh())
+        return model.double(), (4,)
+    return mlp(), (4,)
+
+
+MODEL_CASES = (
+    "mlp",
+    "nested",
+    "flatten",
+    "flatten_middle",
+    "deep",
+    "tied",
+    "tied_weight",
+    "activation_last",
+)
+
+
+def make_data(model: nn.Module, datum_shape, loss: str, sequence: bool = False):
+    """Unequal batches of inputs and targets (``sequence``: an extra axis of 2)."""
+    generator = torch.Generator().manual_seed(1)
+    data = []
+    for n in BATCH_SIZES:
+        shape = (n, 2, *datum_shape) if sequence else (n, *datum_shape)
+        X = torch.randn(shape, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            out_shape = tuple(model(X).shape)
+        data.append((X, targets(loss, out_shape, generator)))
+    return data
+
+
+@pytest.fixture
+def chain_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the number of columns of every closed-form linearization."""
+    calls: list[int] = []
+    original = SequentialChain.linearize
+
+    def spy(self, params, X, V):
+        calls.append(V[0].shape[0])
+        return original(self, params, X, V)
+
+    monkeypatch.setattr(SequentialChain, "linearize", spy)
+    return calls
+
+
+def ad_path_products(monkeypatch, op, *vectors):
+    """The products of ``op`` with the closed form switched off."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
+    try:
+        return [op @ v for v in vectors]
+    finally:
+        monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", True)
+
+
+def check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data):
+    """Products with 1 and 3 columns equal brute force and the AD path."""
+    op = kind(model, loss_func, params, data)
+    dense = dict(REFERENCES)[kind](model, loss_func, params, data)
+    generator = torch.Generator().manual_seed(2)
+    v = torch.randn(op.shape[1], generator=generator, dtype=torch.float64)
+    V = torch.randn(op.shape[1], 3, generator=generator, dtype=torch.float64)
+    chain_calls.clear()
+    Av, AV = op @ v, op @ V
+    assert chain_calls == [1] * len(data) + [3] * len(data)
+    torch.testing.assert_close(Av, dense @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(AV, dense @ V, rtol=1e-10, atol=1e-12)
+    ad_v, ad_V = ad_path_products(monkeypatch, op, v, V)
+    torch.testing.assert_close(Av, ad_v, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(AV, ad_V, rtol=1e-12, atol=1e-14)
+    assert not Av.requires_grad and not AV.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", ["mse", "ce", "bce"])
+def test_mlp_products(monkeypatch, chain_calls, kind, reduction, loss):
+    model = mlp()
+    data = make_data(model, (4,), loss)
+    params = list(model.parameters())
+    loss_func = make_loss(loss, reduction)
+    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
+
+
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_model_products(monkeypatch, chain_calls, kind, name):
+    model, datum_shape = model_case(name)
+    data = make_data(model, datum_shape, "ce")
+    params = list(dict.fromkeys(model.parameters()))
+    loss_func = nn.CrossEntropyLoss()
+    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
+
+
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_sequence_inputs(monkeypatch, chain_calls, kind, loss):
+    """Linear layers on ``[N, T, in]`` inputs (every position is a loss term)."""
+    model = mlp()
+    data = make_data(model, (4,), loss, sequence=True)
+    params = list(model.parameters())
+    loss_func = make_loss(loss, "mean")
+    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
+
+
+ACTIVATIONS = [
+    *(cls() for cls in CLOSED_FORM_ACTIVATIONS),
+    nn.LeakyReLU(-0.3),
+    *(cls() for cls in ELEMENTWISE_ACTIVATIONS),
+    nn.ELU(inplace=True),
+    nn.Hardtanh(-0.5, 0.5, inplace=True),
+]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=repr)
+def test_every_activation(monkeypatch, chain_calls, activation):
+    model = mlp(activation)
+    data = make_data(model, (4,), "mse")
+    params = list(model.parameters())
+    loss_func = nn.MSELoss()
+    check_products(
+        monkeypatch, chain_calls, GGNLinearOperator, model, loss_func, params, data
+    )
+
+
+SUBSETS = {
+    "first_weight": lambda m: [m[0].weight],
+    "first_bias": lambda m: [m[0].bias],
+    "first_bias_last_weight": lambda m: [m[0].bias, m[2].weight],
+    "last_layer": lambda m: list(m[2].parameters()),
+    "reordered": lambda m: [m[2].bias, m[0].weight, m[2].weight, m[0].bias],
+}
+
+
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_parameter_subsets(monkeypatch, chain_calls, kind, subset):
+    """Layers outside ``params`` are constants (also before the first one in it)."""
+    model = mlp()
+    data = make_data(model, (4,), "ce")
+    params = SUBSETS[subset](model)
+    loss_func = nn.CrossEntropyLoss()
+    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
+
+
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+def test_frozen_parameters(monkeypatch, chain_calls, kind):
+    model = mlp(bias=False)
+    model[0].weight.requires_grad_(False)
+    data = make_data(model, (4,), "ce")
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_func = nn.CrossEntropyLoss()
+    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
+
+
+def test_float32(chain_calls):
+    model = mlp().float()
+    data = [(X.float(), y) for X, y in make_data(model.double(), (4,), "ce")]
+    model.float()
+    op = GGNLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    dense = dense_ggn(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    V = torch.randn(op.shape[1], 2)
+    chain_calls.clear()
+    result = op @ V
+    assert chain_calls == [2] * len(data) and result.dtype == torch.float32
+    torch.testing.assert_close(
+        result.double(), dense @ V.double(), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_functional_api_takes_the_chain(monkeypatch, chain_calls):
+    model = mlp()
+    params = dict(model.named_parameters())
+    X, y = make_data(model, (4,), "ce")[0]
+    mv = functional.make_ggn_mv(
+        model, params, (X, y), nn.CrossEntropyLoss(reduction="sum")
+    )
+    v = {name: torch.randn_like(p) for name, p in params.items()}
+    chain_calls.clear()
+    result = mv(v)
+    assert chain_calls == [1]
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
+    expected = mv(v)
+    for name in params:
+        torch.testing.assert_close(result[name], expected[name], rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------- not qualifying
+
+
+class CustomSequential(nn.Sequential):
+    """A subclass of ``nn.Sequential`` (its forward could differ)."""
+
+
+def not_qualifying(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "subclass":
+        return CustomSequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    if name == "batchnorm":
+        layers = (nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+        return nn.Sequential(*layers).double().eval()
+    if name == "prelu":
+        return nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3)).double()
+    if name == "linear_subclass":
+
+        class MyLinear(nn.Linear):
+            pass
+
+        return nn.Sequential(MyLinear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    if name == "module":
+        return nn.ModuleList([nn.Linear(4, 3)]).double()
+    model = mlp()
+    parametrize.register_parametrization(model[0], "weight", Doubled())
+    return model
+
+
+class Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["subclass", "batchnorm", "prelu", "linear_subclass", "module", "parametrized"],
+)
+def test_models_that_do_not_qualify(name):
+    model = not_qualifying(name)
+    slots = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    assert sequential_chain(model, slots) is None
+
+
+def test_parameter_outside_the_layers_does_not_qualify():
+    model = mlp()
+    assert sequential_chain(model, {"0.weight": 0, "unknown": 1}) is None
+
+
+def changes() -> dict[str, Callable]:
+    """Changes to a model after an operator was built; each returns an undo."""
+
+    def forward_hook(model):
+        handle = model[1].register_forward_hook(lambda m, a, out: 2 * out)
+        return handle.remove
+
+    def pre_hook(model):
+        handle = model[2].register_forward_pre_hook(lambda m, a: (a[0] + 1,))
+        return handle.remove
+
+    def global_hook(model):
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: out * 1.5 if isinstance(m, nn.Tanh) else None
+        )
+        return handle.remove
+
+    def replaced_child(model):
+        model[1] = nn.Sigmoid()
+        return lambda: None
+
+    def instance_forward(model):
+        layer = model[1]
+        layer.forward = lambda x: torch.tanh(3 * x)
+        return lambda: delattr(layer, "forward")
+
+    return {
+        "forward_hook": forward_hook,
+        "pre_hook": pre_hook,
+        "global_hook": global_hook,
+        "replaced_child": replaced_child,
+        "instance_forward": instance_forward,
+    }
+
+
+@pytest.mark.parametrize("change", changes())
+def test_changed_model_takes_the_ad_path(monkeypatch, chain_calls, change):
+    """After the model changes, products are those of the changed model."""
+    model = mlp()
+    data = make_data(model, (4,), "ce")
+    params = list(model.parameters())
+    loss_func = nn.CrossEntropyLoss()
+    op = GGNLinearOperator(model, loss_func, params, data)
+    undo = changes()[change](model)
+    try:
+        v = torch.randn(op.shape[1], dtype=torch.float64)
+        chain_calls.clear()
+        result = op @ v
+        assert chain_calls == []
+        dense = dense_ggn(model, loss_func, params, data)
+        torch.testing.assert_close(result, dense @ v, rtol=1e-10, atol=1e-12)
+    finally:
+        undo()
+    chain_calls.clear()
+    op @ v
+    assert chain_calls == [1] * len(data) or change == "replaced_child"
+
+
+def test_dropout_in_training_mode_is_not_current():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3))
+    chain = sequential_chain(model, {"0.weight": 0})
+    assert chain is not None and not chain.is_current()
+    model.eval()
+    assert chain.is_current()
+    model.train()
+    model[1].p = 0.0
+    assert chain.is_current()
