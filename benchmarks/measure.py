@@ -1,7 +1,8 @@
 """Timing and peak-memory primitives.
 
 Timing: wall-clock ``time.perf_counter`` around one call, one warm-up call, then the
-median (and minimum) of ``repeats`` calls.
+median (and minimum) of ``repeats`` calls; calls whose times are compared are timed
+in interleaved rounds (:func:`time_calls`).
 
 Memory: the peak resident set size (RSS) a call adds on top of the RSS before it, from
 the process' RSS high-water mark (:func:`peak_rss_bytes`). Because the high-water mark
@@ -34,17 +35,41 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str,
     Returns:
         ``{"median": s, "min": s, "samples": [s, ...]}`` in seconds.
     """
+    return time_calls({"call": fn}, repeats, warmup)["call"]
+
+
+def time_calls(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Time several calls in interleaved rounds (each round calls each once, in turn).
+
+    Ratios of the medians then compare calls made at the same times, so a machine
+    whose speed drifts (other jobs, frequency) affects all of them alike.
+
+    Args:
+        fns: The calls to time, by name.
+        repeats: Number of rounds (at least 1).
+        warmup: Number of untimed rounds before.
+
+    Returns:
+        ``{name: {"median": s, "min": s, "samples": [s, ...]}}`` in seconds.
+    """
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
     return {
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "samples": samples,
+        name: {
+            "median": statistics.median(times),
+            "min": min(times),
+            "samples": times,
+        }
+        for name, times in samples.items()
     }
 
 

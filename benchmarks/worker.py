@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from benchmarks.libraries import (
     load_library,
 )
 from benchmarks.machine import load_average
-from benchmarks.measure import measure_memory, time_call
+from benchmarks.measure import measure_memory, time_call, time_calls
 from benchmarks.workloads import WORKLOADS, Problem
 
 #: Number of columns of the matrix-matrix product.
@@ -99,9 +99,10 @@ def time_operator(
 ) -> dict[str, Any]:
     """Time construction and products of one operator.
 
-    The gradient pass is timed again right before the products, so that each
-    operator's ratios divide by a gradient time taken next to its own (robust to the
-    machine's speed drifting during a run).
+    The gradient pass is timed again with each operator, alternating with its
+    matrix-vector product (one call of each per round), so that each operator's
+    ratios divide by gradient times taken next to its own (robust to the machine's
+    speed drifting during a run).
 
     Args:
         library: The imported library.
@@ -122,8 +123,7 @@ def time_operator(
             lambda: build_operator(library, label, problem), repeats
         )
         op = build_operator(library, label, problem)
-        times["grad"] = time_call(grad, repeats)
-        times["mv"] = time_call(lambda: op @ v, repeats)
+        times.update(time_calls({"grad": grad, "mv": lambda: op @ v}, repeats))
         times["mm16"] = time_call(lambda: op @ V, repeats)
         if memory:
             out["memory"]["mv"] = {"steady": measure_memory(lambda: op @ v)}
@@ -172,6 +172,29 @@ def check_agreement(problem: Problem, theirs: Any) -> dict[str, Any]:
     return result
 
 
+def warm_up(problem: Problem, libraries: Iterable[Any]) -> None:
+    """Build every operator and multiply it onto ``v`` and ``V`` once, untimed.
+
+    A fresh process is slower at first (its heap grows, page faults, kernel and
+    primitive caches fill): measured up to 1.7x on the first operator's products of
+    W2, which made the first operator of every table look slower than the others.
+    Errors are left to :func:`time_operator`, which records them.
+
+    Args:
+        problem: The workload.
+        libraries: The imported libraries.
+    """
+    v, V = probe_vectors(problem)
+    for library in libraries:
+        for label in OPERATORS:
+            try:
+                op = build_operator(library, label, problem)
+                op @ v
+                op @ V
+            except Exception:  # noqa: BLE001, S112 - recorded by time_operator
+                continue
+
+
 def time_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one workload at one thread setting.
 
@@ -196,8 +219,9 @@ def time_job(spec: dict[str, Any]) -> dict[str, Any]:
         "cells": {},
         "agreement": None,
     }
-    for name in spec["libraries"]:
-        library = load_library(name)
+    libraries = {name: load_library(name) for name in spec["libraries"]}
+    warm_up(problem, libraries.values())
+    for name, library in libraries.items():
         out["cells"][name] = {
             label: time_operator(
                 library, label, problem, spec["repeats"], spec["memory"], grad
