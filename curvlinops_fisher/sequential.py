@@ -61,7 +61,7 @@ BackwardRule = Callable[[Tensor, tuple[Tensor, ...]], Tensor | None]
 StepResult = tuple[Tensor, Tensor | None, BackwardRule | None]
 
 
-class Point(NamedTuple):
+class _Point(NamedTuple):
     """The linearization point and the directions of a product.
 
     Attributes:
@@ -142,7 +142,7 @@ class _Linear:
     weight: int | None
     bias: int | None
 
-    def forward(self, h: Tensor, dh: Tensor | None, point: Point) -> StepResult:
+    def forward(self, h: Tensor, dh: Tensor | None, point: _Point) -> StepResult:
         """Primal, tangents ``(K, *z.shape)`` and backward rule of the layer."""
         params, V = point
         W = self.module.weight if self.weight is None else params[self.weight]
@@ -192,7 +192,7 @@ class _Activation:
 
     module: Module
 
-    def forward(self, h: Tensor, dh: Tensor | None, point: Point) -> StepResult:
+    def forward(self, h: Tensor, dh: Tensor | None, point: _Point) -> StepResult:
         """Primal, tangents and backward rule (multiplication by σ')."""
         if dh is None:
             return self.module(h), None, None
@@ -219,19 +219,19 @@ class _Flatten:
 
     module: nn.Flatten
 
-    def forward(self, h: Tensor, dh: Tensor | None, point: Point) -> StepResult:
+    def forward(self, h: Tensor, dh: Tensor | None, point: _Point) -> StepResult:
         """Flattened primal and tangents; the backward rule restores the shape."""
         start, end = self.module.start_dim, self.module.end_dim
-        out = h.flatten(start, end)
+        flat = h.flatten(start, end)
         if dh is None:
-            return out, None, None
+            return flat, None, None
         shape = h.shape
         shifted = (start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
 
         def backward(g: Tensor, out: tuple[Tensor, ...]) -> Tensor:
             return g.reshape(g.shape[0], *shape)
 
-        return out, dh.flatten(*shifted), backward
+        return flat, dh.flatten(*shifted), backward
 
 
 _Step = _Linear | _Activation | _Flatten
@@ -270,8 +270,10 @@ class SequentialChain:
         ``forward`` was set on an instance, or a dropout layer went into training
         mode with ``p > 0``.
         """
-        if any(getattr(torch_modules.module, name, None) for name in _GLOBAL_HOOKS):
-            return False
+        for name in _GLOBAL_HOOKS:
+            hooks = getattr(torch_modules.module, name, None)
+            if hooks is None or hooks:  # unknown to this PyTorch, or registered
+                return False
         for container, children in self.containers:
             if tuple(container._modules.values()) != children:
                 return False
@@ -309,7 +311,7 @@ class SequentialChain:
         h, dh = X, None
         with torch.no_grad():
             for step in self.steps:
-                h, dh, rule = step.forward(h, dh, Point(params, V))
+                h, dh, rule = step.forward(h, dh, _Point(params, V))
                 if rule is not None:
                     rules.append(rule)
             if dh is None:  # pragma: no cover - every chain has a differentiated layer

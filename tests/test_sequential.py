@@ -78,6 +78,11 @@ def model_case(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             nn.Linear(2, 4), nn.Tanh(), nn.Flatten(1, 2), nn.Linear(12, 3)
         )
         return model.double(), (3, 2)
+    if name == "flatten_negative":
+        model = nn.Sequential(
+            nn.Linear(2, 4), nn.Tanh(), nn.Flatten(-2, -1), nn.Linear(12, 3)
+        )
+        return model.double(), (3, 2)
     if name == "deep":
         model = nn.Sequential(
             nn.Linear(4, 6),
@@ -113,6 +118,7 @@ MODEL_CASES = (
     "nested",
     "flatten",
     "flatten_middle",
+    "flatten_negative",
     "deep",
     "tied",
     "tied_weight",
