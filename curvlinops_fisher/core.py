@@ -56,7 +56,8 @@ LINEAR_SHORTCUT_MIN_NUMEL = 2**15
 #: Whether products of MLPs (``nn.Sequential`` of linear layers and elementwise
 #: activations) use their closed-form linearization
 #: (:mod:`curvlinops_fisher.sequential`) instead of forward- and reverse-mode AD.
-#: Same numbers to rounding; measured 1.3-1.5x faster products on MLPs.
+#: Same numbers to rounding; products 1.2x (MLP 784-256-256-10) to 1.5x (MLP
+#: 20-64-64-5) faster, see ``benchmarks/RESULTS.md``.
 SEQUENTIAL_CHAIN_PRODUCTS = True
 
 
@@ -238,9 +239,9 @@ def batch_curvature_matmat(
     \mathbf{J}_t \mathbf{V}` for the ``K`` columns of ``V``. Cost per group of at
     most ``max_columns`` columns: the forward pass or passes of :func:`linearize`
     with the tangents of all columns of the group (batched over the columns), an
-    output-space
-    contraction of cost :math:`O(K T C R)` (``R`` = 1 for the EF, ``M`` for the MC
-    Fisher; closed form for the GGN), and one backward pass batched over the columns.
+    output-space contraction of cost :math:`O(K T C R)` (``R`` = 1 for the EF, ``M``
+    for the MC Fisher; closed form for the GGN), and one backward pass batched over
+    the columns.
     The MC samples live in output space, so ``mc_samples`` does not multiply the
     passes; the batch's factor is built once and shared by all columns.
 
