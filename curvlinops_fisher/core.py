@@ -19,6 +19,7 @@ pass is shared by the JVP and the recorded VJP; several columns with ``vmap`` of
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -59,6 +60,12 @@ LINEAR_SHORTCUT_MIN_NUMEL = 2**15
 #: Same numbers to rounding; products 1.2x (MLP 784-256-256-10) to 1.5x (MLP
 #: 20-64-64-5) faster, see ``benchmarks/RESULTS.md``.
 SEQUENTIAL_CHAIN_PRODUCTS = True
+#: How one-column products of models without the closed form run their forward
+#: pass: ``False``: one dual-number pass that autograd records for the VJP;
+#: ``True``: a dual-number pass without autograd and a recorded pass of the primal
+#: alone; ``None`` (default): whichever is faster for the model, measured once on its
+#: first one-column product (:func:`_prefers_separate_passes`). Same bits either way.
+ONE_COLUMN_SEPARATE_PASSES: bool | None = None
 
 
 def parameter_names(model: Module, params: Sequence[Tensor]) -> tuple[str, ...]:
@@ -157,6 +164,8 @@ class ModuleFunction:
         aliases = _tied_aliases(model, names)
         self._all_names = tuple(n for name in names for n in aliases[name])
         self._repeats = tuple(len(aliases[name]) for name in names)
+        #: Set by the first one-column product (:func:`_prefers_separate_passes`).
+        self.one_column_separate: bool | None = None
         self.sequential: SequentialChain | None = sequential_chain(
             model,
             {alias: slot for slot, name in enumerate(names) for alias in aliases[name]},
@@ -297,7 +306,8 @@ def linearize(
 
     Takes the closed-form chain of an MLP (:mod:`curvlinops_fisher.sequential`) when
     the model has one that is still current and :data:`SEQUENTIAL_CHAIN_PRODUCTS` is
-    on; otherwise dual numbers for one column and ``torch.func`` for several.
+    on; otherwise dual numbers for one column (one or two forward passes, see
+    :data:`ONE_COLUMN_SEPARATE_PASSES`) and ``torch.func`` for several.
 
     Args:
         model_function: ``f(param_values, X)``.
@@ -318,9 +328,13 @@ def linearize(
         and chain.is_current()
     ):
         return chain.linearize(params, X, V)
-    if V[0].shape[0] == 1:
-        return _linearize_one_column(model_function, params, X, V)
-    return _linearize_columns(model_function, params, X, V)
+    if V[0].shape[0] > 1 or torch.compiler.is_compiling():
+        # (dual numbers do not trace; torch.func does)
+        return _linearize_columns(model_function, params, X, V)
+    separate = ONE_COLUMN_SEPARATE_PASSES
+    if separate is None:
+        separate = _prefers_separate_passes(model_function, params, X, V)
+    return _linearize_one_column(model_function, params, X, V, separate=separate)
 
 
 def _linearize_columns(
@@ -365,34 +379,45 @@ def _linearize_one_column(
     params: tuple[Tensor, ...],
     X: ModelInput,
     V: tuple[Tensor, ...],
+    separate: bool = False,
 ) -> Linearization:
     """Forward pass with one tangent, in eager mode (same contract as the batched one).
 
-    Dual numbers (``torch.autograd.forward_ad``) carry the tangent through one forward
-    pass whose primal is recorded by autograd; the VJP is a plain backward pass. For a
-    single column this has less dispatch overhead than nested ``torch.func``
-    transforms and gives the same numbers.
+    Dual numbers (``torch.autograd.forward_ad``) carry the tangent through the
+    forward pass; the VJP is a plain backward pass. For a single column this has less
+    dispatch overhead than nested ``torch.func`` transforms and gives the same
+    numbers.
+
+    With ``separate=False`` the dual forward pass is the one autograd records for the
+    VJP (one forward pass); autograd then also records the tangent computation and
+    keeps its intermediates. With ``separate=True`` the dual pass runs without
+    autograd and the VJP records a second forward pass of the primal alone. Both
+    give the same bits (the VJP only traverses the primal's operations); which is
+    faster depends on the model (:func:`_prefers_separate_passes`).
 
     Args:
         model_function: ``f(param_values, X)``.
         params: Parameter values.
         X: Batch input.
         V: One column, ``V[i]`` of shape ``(1, *params[i].shape)``.
+        separate: Use two forward passes (see above).
 
     Returns:
-        See :func:`_linearize_columns`.
+        See :func:`linearize`.
     """
-    if torch.compiler.is_compiling():  # dual numbers do not trace; torch.func does
-        return _linearize_columns(model_function, params, X, V)
     leaves = tuple(p.detach().requires_grad_() for p in params)
     shortcut = (
         _LinearTangentShortcut()
         if any(p.numel() >= LINEAR_SHORTCUT_MIN_NUMEL for p in params)
         else nullcontext()
     )
-    with torch.enable_grad(), forward_ad.dual_level(), shortcut:
+    grad_mode = torch.no_grad() if separate else torch.enable_grad()
+    with grad_mode, forward_ad.dual_level(), shortcut:
         duals = tuple(forward_ad.make_dual(leaf, v[0]) for leaf, v in zip(leaves, V))
         output, jv = forward_ad.unpack_dual(model_function(duals, X))
+    if separate:
+        with torch.enable_grad():
+            output = model_function(leaves, X)
 
     def backward(cotangents: Tensor, out: tuple[Tensor, ...]) -> None:
         grads = torch.autograd.grad(output, leaves, cotangents[0], allow_unused=True)
@@ -402,6 +427,45 @@ def _linearize_one_column(
                     acc[0].add_(g)
 
     return output.detach(), jv.detach().unsqueeze(0), backward
+
+
+def _prefers_separate_passes(
+    model_function: ModelFunction,
+    params: tuple[Tensor, ...],
+    X: ModelInput,
+    V: tuple[Tensor, ...],
+) -> bool:
+    """Whether one-column products of this model are faster with two forward passes.
+
+    Decided once per model function, on the batch of its first one-column product:
+    both variants of :func:`_linearize_one_column` (forward and backward pass) run
+    twice, alternating, and the faster minimum wins. Recording the tangent
+    computation costs more than a second primal pass for models of many cheap
+    operations (measured on the transformer W3: 2.46 against 2.78 gradient passes,
+    and 1.15 against 2.19 gradient passes of memory); for convolutions or large
+    linear layers the second pass costs more (W2: 2.94 against 1.84). Both variants
+    give the same bits, so the choice never changes a result.
+    """
+    choice = getattr(model_function, "one_column_separate", None)
+    if choice is None:
+        best = {False: float("inf"), True: float("inf")}
+        out = tuple(torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in V)
+        for _ in range(2):
+            for separate in (False, True):
+                start = time.perf_counter()
+                _, JV, backward = _linearize_one_column(
+                    model_function, params, X, V, separate=separate
+                )
+                backward(JV, out)
+                if out[0].device.type == "cuda":
+                    torch.cuda.synchronize(out[0].device)
+                best[separate] = min(best[separate], time.perf_counter() - start)
+        choice = best[True] < best[False]
+        try:
+            model_function.one_column_separate = choice  # type: ignore[attr-defined]
+        except AttributeError:  # nowhere to keep the decision: always one pass
+            return False
+    return choice
 
 
 class _LinearTangentShortcut(TorchFunctionMode):

@@ -5,6 +5,8 @@ closed-form chain (:mod:`curvlinops_fisher.sequential`) unless it is switched of
 the tests that are about the AD paths run with both.
 """
 
+import time
+
 import pytest
 import torch
 from problems import MODELS, make_problem
@@ -191,3 +193,68 @@ def test_batch_product_adds_into_out(product_path, model_name, K):
     assert returned is out
     for o, s, f in zip(out, start, fresh):
         torch.testing.assert_close(o, s + f, rtol=1e-13, atol=1e-14)
+
+
+# ------------------------------------------ one or two forward passes per column
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_separate_passes_give_the_same_bits(monkeypatch, model_name):
+    """One recorded dual pass or a dual pass plus a primal pass: identical products."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
+    loss = "mse" if model_name in ("seq", "conv_seg", "scalar") else "ce"
+    problem = make_problem(model_name, loss, "mean", layout="unequal")
+    for cls in OPERATORS:
+        op = cls(*problem.args(), **problem.kwargs())
+        v = torch.randn(op.shape[1], dtype=torch.float64)
+        monkeypatch.setattr(core, "ONE_COLUMN_SEPARATE_PASSES", False)
+        shared = op @ v
+        monkeypatch.setattr(core, "ONE_COLUMN_SEPARATE_PASSES", True)
+        assert torch.equal(op @ v, shared)
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_first_product_measures_which_pass_is_faster(monkeypatch, slow):
+    """The variant made slow loses; the decision is kept and used from then on."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
+    model, loss_func, params, data = shortcut_problem("sequence")
+    op = GGNLinearOperator(model, loss_func, params, data)
+    calls = []
+    original = core._linearize_one_column
+
+    def spy(*args, separate=False):
+        calls.append(separate)
+        if separate == slow:
+            time.sleep(0.02)
+        return original(*args, separate=separate)
+
+    monkeypatch.setattr(core, "_linearize_one_column", spy)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    op @ v
+    assert op._model_function.one_column_separate is (not slow)
+    assert calls[:4] == [False, True, False, True]  # calibration on the first batch
+    assert calls[4:] == [not slow] * len(data)
+    calls.clear()
+    op @ v
+    assert calls == [not slow] * len(data)
+
+
+def test_function_without_attributes_keeps_one_pass():
+    """A model function that cannot keep the decision always takes one pass."""
+
+    class Slotted:
+        __slots__ = ("model",)
+
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, param_values, X):
+            return torch.func.functional_call(
+                self.model, dict(zip(["0.weight", "0.bias"], param_values)), (X,)
+            )
+
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    params = tuple(model.parameters())
+    V = tuple(torch.randn(1, *p.shape, dtype=torch.float64) for p in params)
+    X = torch.randn(4, 3, dtype=torch.float64)
+    assert not core._prefers_separate_passes(Slotted(model), params, X, V)
