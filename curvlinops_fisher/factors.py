@@ -70,6 +70,27 @@ class LowRankOutputFactor(BatchOutputFactor):
         return self.B
 
 
+class SampledLabelsOutputFactor(BatchOutputFactor):
+    r"""The MC Fisher's factor of sampled labels, applied without forming it.
+
+    For losses whose would-be gradients are functions of a sampled label
+    (``CrossEntropyLoss``), :math:`\mathbf{B}_t\mathbf{B}_t^\top` depends only on
+    the labels' frequencies, so a product costs :math:`O(TC)` per column instead of
+    :math:`O(TCM)`, and the ``(T, C, M)`` factor exists only if :meth:`matrix` asks.
+    """
+
+    def __init__(self, loss: FisherLoss, output: Tensor, y: Tensor, labels: Tensor):
+        """Store the flattened output ``(T, C)``, targets and labels ``(T, M)``."""
+        self.loss, self.output, self.y, self.labels = loss, output, y, labels
+
+    def apply(self, U: Tensor) -> Tensor:  # noqa: D102
+        return self.loss.sampled_fisher_matmat(self.output, self.y, self.labels, U)
+
+    def matrix(self) -> Tensor:  # noqa: D102
+        G = self.loss.labels_to_gradients(self.output, self.y, self.labels)
+        return G.permute(1, 2, 0) / sqrt(self.labels.shape[1])
+
+
 class OutputFactorKind(ABC):
     """Builds each batch's output-space factor for one curvature matrix."""
 
@@ -124,5 +145,8 @@ class MCFisherFactor(OutputFactorKind):
 
     def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
         """See :meth:`OutputFactorKind.for_batch`."""
+        labels = loss.sample_labels(output, y, self.mc_samples, self.generator)
+        if labels is not None:
+            return SampledLabelsOutputFactor(loss, output, y, labels)
         G = loss.sample_gradients(output, y, self.mc_samples, self.generator)
         return LowRankOutputFactor(G.permute(1, 2, 0) / sqrt(self.mc_samples))

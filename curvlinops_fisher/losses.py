@@ -291,6 +291,30 @@ class FisherLoss(ABC):
             Tensor ``(T, C, C)``.
         """
 
+    def sample_labels(
+        self, output: Tensor, y: Tensor, mc_samples: int, generator: Generator
+    ) -> Tensor | None:
+        r"""Sampled class labels ``(T, M)`` (``None`` for losses without labels).
+
+        For losses whose would-be gradients are functions of one label per sample
+        (:meth:`sampled_fisher_matmat`); draws exactly what :meth:`sample_gradients`
+        draws. ``None``, the default, for other losses.
+        """
+        return None
+
+    def sampled_fisher_matmat(
+        self, output: Tensor, y: Tensor, labels: Tensor, U: Tensor
+    ) -> Tensor:
+        r"""Apply :math:`rac{1}{M}\sum_m \mathbf{g}_{tm}\mathbf{g}_{tm}^	op` of labels ``(T, M)``.
+
+        Only for losses whose :meth:`sample_labels` returns labels.
+        """
+        raise NotImplementedError(f"{type(self).__name__} samples no labels.")
+
+    def labels_to_gradients(self, output: Tensor, y: Tensor, labels: Tensor) -> Tensor:
+        """The would-be gradients ``(M, T, C)`` of labels ``(T, M)`` (see above)."""
+        raise NotImplementedError(f"{type(self).__name__} samples no labels.")
+
     @abstractmethod
     def sample_gradients(
         self, output: Tensor, y: Tensor, mc_samples: int, generator: Generator
@@ -568,17 +592,44 @@ class CrossEntropyFisherLoss(FisherLoss):
         S = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
         return s.sqrt()[:, None, None] * S
 
-    def sample_gradients(  # noqa: D102
+    def sample_labels(  # noqa: D102
         self, output: Tensor, y: Tensor, mc_samples: int, generator: Generator
     ) -> Tensor:
         self.check_sampling()
-        p = output.softmax(dim=1)
-        labels = p.multinomial(
+        return output.softmax(dim=1).multinomial(
             num_samples=mc_samples, replacement=True, generator=generator
         )
+
+    def labels_to_gradients(  # noqa: D102
+        self, output: Tensor, y: Tensor, labels: Tensor
+    ) -> Tensor:
+        p = output.softmax(dim=1)
         G = p - one_hot(labels.T, p.shape[1]).to(p.dtype)
         s, _ = self._coefficients(y, output)
         return s.sqrt().unsqueeze(-1) * G
+
+    def sampled_fisher_matmat(  # noqa: D102
+        self, output: Tensor, y: Tensor, labels: Tensor, U: Tensor
+    ) -> Tensor:
+        # With label frequencies f_t (T, C) of the M samples,
+        # (s/M) sum_m (p - e_m)(p - e_m)^T = s (p p^T - p f^T - f p^T + diag(f)),
+        # applied without forming the M gradients:
+        # s ((p - f)(p.u) - p (f.u) + f * u).
+        p = output.softmax(dim=1)
+        f = torch.zeros_like(p).scatter_add_(
+            1, labels, torch.ones_like(labels, dtype=p.dtype)
+        )
+        f = f / labels.shape[1]
+        s, _ = self._coefficients(y, output)
+        pu = (U * p).sum(-1, keepdim=True)
+        fu = (U * f).sum(-1, keepdim=True)
+        return s.unsqueeze(-1) * ((p - f) * pu - p * fu + f * U)
+
+    def sample_gradients(  # noqa: D102
+        self, output: Tensor, y: Tensor, mc_samples: int, generator: Generator
+    ) -> Tensor:
+        labels = self.sample_labels(output, y, mc_samples, generator)
+        return self.labels_to_gradients(output, y, labels)
 
 
 class BCEWithLogitsFisherLoss(FisherLoss):

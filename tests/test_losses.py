@@ -1,6 +1,7 @@
 """The losses layer against torch.func brute force on the per-term losses."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 from torch.func import grad, hessian
 
 from curvlinops_fisher.errors import TargetError, UnsupportedLossError
+from curvlinops_fisher.factors import LowRankOutputFactor, SampledLabelsOutputFactor
 from curvlinops_fisher.losses import make_fisher_loss
 
 T, C = 5, 3
@@ -197,3 +199,37 @@ def test_batch_scale(reduction, expected):
     loss = make_fisher_loss(nn.MSELoss(reduction=reduction))
     y = torch.zeros(3, 2, 3)  # 3 data points, 2 terms of C=3 each
     assert loss.batch_scale(y, batch_size=3, num_data=12) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("soft", [False, True])
+def test_sampled_labels_factor_equals_the_explicit_one(smoothing, soft):
+    """The frequency form of the MC factor applies exactly the sampled gradients.
+
+    ``term_data`` ignores one term of class-index targets (``s_t = 0``).
+    """
+    loss_func = nn.CrossEntropyLoss(label_smoothing=smoothing)
+    loss = make_fisher_loss(loss_func)
+    f, y = term_data(loss_func, soft)
+    M = 7
+    labels = loss.sample_labels(f, y, M, torch.Generator().manual_seed(5))
+    G = loss.sample_gradients(f, y, M, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        loss.labels_to_gradients(f, y, labels), G, rtol=0, atol=0
+    )
+    explicit = LowRankOutputFactor(G.permute(1, 2, 0) / math.sqrt(M))
+    sampled = SampledLabelsOutputFactor(loss, f, y, labels)
+    U = torch.randn(3, T, C, dtype=torch.float64)
+    torch.testing.assert_close(
+        sampled.apply(U), explicit.apply(U), rtol=1e-13, atol=1e-14
+    )
+    torch.testing.assert_close(sampled.matrix(), explicit.matrix(), rtol=0, atol=0)
+
+
+def test_only_label_losses_sample_labels():
+    for loss_func in (nn.MSELoss(), nn.BCEWithLogitsLoss()):
+        loss = make_fisher_loss(loss_func)
+        f, y = term_data(loss_func)
+        assert loss.sample_labels(f, y, 3, torch.Generator()) is None
+        with pytest.raises(NotImplementedError, match="samples no labels"):
+            loss.sampled_fisher_matmat(f, y, torch.zeros(T, 3), f)
