@@ -36,6 +36,7 @@ from curvlinops_fisher.errors import ParameterError
 from curvlinops_fisher.factors import BatchOutputFactor, OutputFactorKind
 from curvlinops_fisher.losses import FisherLoss
 from curvlinops_fisher.sequential import (
+    ChainNotApplicable,
     Linearization,
     SequentialChain,
     sequential_chain,
@@ -331,7 +332,10 @@ def linearize(
         and isinstance(X, Tensor)
         and chain.is_current()
     ):
-        return chain.linearize(params, X, V)
+        try:
+            return chain.linearize(params, X, V)
+        except ChainNotApplicable:  # e.g. an unbatched convolution input
+            pass
     if V[0].shape[0] > 1 or torch.compiler.is_compiling():
         # (dual numbers do not trace; torch.func does)
         return _linearize_columns(model_function, params, X, V)

@@ -16,6 +16,7 @@ from curvlinops_fisher import (
     GGNLinearOperator,
     core,
     functional,
+    sequential,
 )
 from curvlinops_fisher.sequential import (
     CLOSED_FORM_ACTIVATIONS,
@@ -42,7 +43,8 @@ def operator_id(cls: type) -> str:
 def targets(loss: str, out_shape: tuple[int, ...], generator: torch.Generator):
     """Random targets for ``loss`` and a batch output of ``out_shape``."""
     if loss == "ce":
-        return torch.randint(0, out_shape[1], out_shape[:1], generator=generator)
+        shape = (out_shape[0], *out_shape[2:])  # classes on axis 1
+        return torch.randint(0, out_shape[1], shape, generator=generator)
     if loss == "bce":
         return torch.randint(0, 2, out_shape, generator=generator).double()
     return torch.randn(out_shape, generator=generator, dtype=torch.float64)
@@ -107,6 +109,46 @@ def model_case(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             nn.Linear(4, 5), nn.Tanh(), first, nn.Tanh(), second, nn.Linear(5, 3)
         )
         return model.double(), (4,)
+    if name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(3, 4, 2, stride=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+        return model.double(), (2, 4, 4)
+    if name == "conv1d_groups":  # grouped, dilated, strided; overlapping pooling
+        model = nn.Sequential(
+            nn.Conv1d(2, 4, 3, dilation=2, padding=2, groups=2),
+            nn.Sigmoid(),
+            nn.MaxPool1d(3, stride=1, padding=1),
+            nn.Conv1d(4, 6, 2, stride=2, groups=2, bias=False),
+            nn.GELU(),
+            nn.Conv1d(6, 3, 1),  # output (N, 3, L): every position a loss term
+        )
+        return model.double(), (2, 7)
+    if name == "conv3d":
+        model = nn.Sequential(
+            nn.Conv3d(1, 2, 3, padding="same"),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool3d(2, ceil_mode=True),
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        )
+        return model.double(), (1, 3, 3, 3)
+    if name == "conv_valid":
+        model = nn.Sequential(
+            nn.Conv2d(1, 2, (2, 3), padding="valid", dilation=(1, 2)),
+            nn.ReLU(),
+            nn.MaxPool2d((2, 1), stride=(1, 2), padding=(1, 0), dilation=(1, 1)),
+            nn.Conv2d(2, 3, 1, padding="same"),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        )
+        return model.double(), (1, 4, 7)
     if name == "activation_last":
         model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Tanh())
         return model.double(), (4,)
@@ -123,6 +165,10 @@ MODEL_CASES = (
     "tied",
     "tied_weight",
     "activation_last",
+    "cnn",
+    "conv1d_groups",
+    "conv3d",
+    "conv_valid",
 )
 
 
@@ -296,6 +342,56 @@ def test_functional_api_takes_the_chain(monkeypatch, chain_calls):
         torch.testing.assert_close(result[name], expected[name], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d_groups"])
+@pytest.mark.parametrize("budget", [1, 400])
+def test_columns_in_chunks(monkeypatch, chain_calls, name, budget):
+    """Chunks of one column, and uneven chunks (MLP, 400 bytes: 2, 3 or 5 columns)."""
+    monkeypatch.setattr(sequential, "TANGENT_CHUNK_BYTES", budget)
+    model, datum_shape = model_case(name)
+    data = make_data(model, datum_shape, "ce")
+    params = list(model.parameters())
+    loss_func = nn.CrossEntropyLoss()
+    check_products(
+        monkeypatch, chain_calls, GGNLinearOperator, model, loss_func, params, data
+    )
+
+
+CNN_SUBSETS = {
+    "first_weight": lambda m: [m[0].weight],
+    "second_bias": lambda m: [m[3].bias],
+    "second_weight_first_bias": lambda m: [m[3].weight, m[0].bias],
+    "head": lambda m: list(m[6].parameters()),
+}
+
+
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+@pytest.mark.parametrize("subset", CNN_SUBSETS)
+def test_cnn_parameter_subsets(monkeypatch, chain_calls, kind, subset):
+    model, datum_shape = model_case("cnn")
+    data = make_data(model, datum_shape, "ce")
+    params = CNN_SUBSETS[subset](model)
+    loss_func = nn.CrossEntropyLoss(reduction="sum")
+    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
+
+
+def test_unbatched_convolution_input_takes_the_ad_path(chain_calls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 2), nn.Tanh(), nn.Conv1d(3, 2, 1)).double()
+    X = torch.randn(2, 4, dtype=torch.float64)  # (C, L): unbatched, output (2, 3)
+    y = torch.randn(2, 3, dtype=torch.float64)
+    loss_func = nn.MSELoss(reduction="sum")
+    params = dict(model.named_parameters())
+    mv = functional.make_ggn_mv(model, params, (X, y), loss_func)
+    v = {name: torch.randn_like(p) for name, p in params.items()}
+    chain_calls.clear()
+    result = mv(v)
+    assert chain_calls == [1]  # tried, then the AD path
+    dense = dense_ggn(model, loss_func, list(params.values()), [(X, y)])
+    flat_v = torch.cat([t.flatten() for t in v.values()])
+    flat = torch.cat([t.flatten() for t in result.values()])
+    torch.testing.assert_close(flat, dense @ flat_v, rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------- not qualifying
 
 
@@ -318,6 +414,18 @@ def not_qualifying(name: str) -> nn.Module:
             pass
 
         return nn.Sequential(MyLinear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    if name == "reflect_padding":
+        conv = nn.Conv1d(1, 2, 3, padding=1, padding_mode="reflect")
+        return nn.Sequential(conv, nn.Flatten(), nn.Linear(8, 3)).double()
+    if name == "same_even_kernel":
+        conv = nn.Conv1d(1, 2, 2, padding="same")
+        return nn.Sequential(conv, nn.Flatten(), nn.Linear(8, 3)).double()
+    if name == "transposed":
+        conv = nn.ConvTranspose1d(1, 2, 2)
+        return nn.Sequential(conv, nn.Flatten(), nn.Linear(10, 3)).double()
+    if name == "avg_pool":
+        layers = (nn.Conv1d(1, 2, 3), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(2, 3))
+        return nn.Sequential(*layers).double()
     if name == "module":
         return nn.ModuleList([nn.Linear(4, 3)]).double()
     model = mlp()
@@ -332,12 +440,24 @@ class Doubled(nn.Module):
 
 @pytest.mark.parametrize(
     "name",
-    ["subclass", "batchnorm", "prelu", "linear_subclass", "module", "parametrized"],
+    [
+        "subclass",
+        "batchnorm",
+        "prelu",
+        "linear_subclass",
+        "module",
+        "parametrized",
+        "reflect_padding",
+        "same_even_kernel",
+        "transposed",
+        "avg_pool",
+    ],
 )
 def test_models_that_do_not_qualify(name):
     model = not_qualifying(name)
     slots = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    assert sequential_chain(model, slots) is None
+    chain = sequential_chain(model, slots)
+    assert chain is None or not chain.is_current()
 
 
 def test_parameter_outside_the_layers_does_not_qualify():
