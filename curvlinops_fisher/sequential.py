@@ -698,4 +698,10 @@ def sequential_chain(model: object, slots: Mapping[str, int]) -> SequentialChain
             return None
         calls, modules, same_children = unrolled
         return chain_from_calls(calls, slots, modules, (same_children,))
-    return None
+    from curvlinops_fisher.traced_chain import traced_calls  # (imports this module)
+
+    traced = traced_calls(model)
+    if traced is None:
+        return None
+    calls, modules, guards = traced
+    return chain_from_calls(calls, slots, modules, guards)

@@ -1,0 +1,278 @@
+"""Closed-form products of chains behind a custom ``forward`` (traced with torch.fx)."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import pytest
+import torch
+from reference import dense_ggn
+from test_sequential import (
+    OPERATORS,
+    chain_calls,  # noqa: F401 (fixture)
+    check_products,
+    make_data,
+    operator_id,
+)
+from torch import nn
+from torch.nn import functional as F
+
+from curvlinops_fisher import GGNLinearOperator, core
+from curvlinops_fisher.sequential import sequential_chain
+from curvlinops_fisher.traced_chain import traced_calls
+
+
+class SmallCNN(nn.Module):
+    """Convolutions in a ``Sequential``, then a head called from ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+class FunctionalNet(nn.Module):
+    """Layers in a ``ModuleList`` loop, functional activations and size-based views."""
+
+    def __init__(self, use_tanh: bool = True):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv1d(2, 3, 2), nn.Conv1d(3, 2, 2, bias=False)])
+        self.out = nn.Linear(4, 3)
+        self.use_tanh = use_tanh
+
+    def forward(self, x):
+        x = F.leaky_relu(self.convs[0](x), 0.2)
+        x = (
+            torch.relu(self.convs[1](x))
+            if not self.use_tanh
+            else self.convs[1](x).tanh()
+        )
+        x = x.view(x.size(0), -1)
+        return F.gelu(self.out(torch.reshape(x, (x.shape[0], 4))))
+
+
+class CustomSequential(nn.Sequential):
+    """A subclass that keeps ``nn.Sequential``'s forward."""
+
+
+def traced_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    if name == "cnn":
+        return SmallCNN().double(), (2, 4, 4)
+    if name == "functional":
+        return FunctionalNet().double(), (2, 4)
+    if name == "functional_relu":
+        return FunctionalNet(use_tanh=False).double(), (2, 4)
+    return CustomSequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), (4,)
+
+
+TRACED = ["cnn", "functional", "functional_relu", "subclass"]
+
+
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+@pytest.mark.parametrize("name", TRACED)
+def test_traced_products(monkeypatch, chain_calls, kind, name):  # noqa: F811
+    model, datum_shape = traced_model(name)
+    data = make_data(model, datum_shape, "ce")
+    params = list(model.parameters())
+    loss_func = nn.CrossEntropyLoss()
+    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
+
+
+def test_subset_of_a_traced_model(monkeypatch, chain_calls):  # noqa: F811
+    model, datum_shape = traced_model("functional")
+    data = make_data(model, datum_shape, "ce")
+    params = [model.convs[1].weight, model.out.bias]
+    loss_func = nn.CrossEntropyLoss(reduction="sum")
+    check_products(
+        monkeypatch, chain_calls, GGNLinearOperator, model, loss_func, params, data
+    )
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return x + self.layer(x)
+
+
+class OwnParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.layer(x) * self.scale
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.layer(x) if x.sum() > 0 else -self.layer(x)
+
+
+class Permuted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.layer(x.permute(0, 2, 1))
+
+
+class DeadBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        self.first(x)
+        return self.second(x)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x, shift=None):
+        return self.layer(x)
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.norm = nn.Linear(3, 3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.norm(self.layer(x))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [Residual, OwnParameter, DataDependent, Permuted, DeadBranch, TwoInputs]
+    + [WithBatchNorm],
+)
+def test_models_that_do_not_trace_to_a_chain(cls):
+    model = cls()
+    assert traced_calls(model) is None
+    slots = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    assert sequential_chain(model, slots) is None
+
+
+class Recording(nn.Module):
+    """Its ``forward`` stores its input (tracing must not leave a symbolic value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.last = None
+
+    def forward(self, x):
+        self.last = x
+        return self.layer(x)
+
+
+def test_tracing_restores_attributes():
+    model = Recording()
+    assert traced_calls(model) is not None
+    assert model.last is None
+
+
+class Doubled(nn.Module):
+    """Twice a layer's output, under the layer's parameter names."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+        self.layer = layer
+
+    def forward(self, x):
+        return (
+            2 * self.layer._conv_forward(x, self.weight, self.bias)
+            if isinstance(self.layer, nn.Conv1d)
+            else 2 * F.linear(x, self.weight, self.bias)
+        )
+
+
+def changes() -> dict[str, Callable]:
+    """Changes to a traced model after construction; each returns an undo."""
+
+    def flag(model):
+        model.use_tanh = False
+        return lambda: setattr(model, "use_tanh", True)
+
+    def class_forward(model):
+        original = FunctionalNet.forward
+        FunctionalNet.forward = lambda self, x: original(self, 2 * x)
+        return lambda: setattr(FunctionalNet, "forward", original)
+
+    def replaced_child(model):  # same parameters, another class
+        model.out = Doubled(model.out)
+        return lambda: None
+
+    def root_hook(model):
+        handle = model.register_forward_hook(lambda m, a, out: 2 * out)
+        return handle.remove
+
+    def instance_forward(model):
+        def forward(self, x):
+            return FunctionalNet.forward(self, x).sin()
+
+        model.forward = types.MethodType(forward, model)
+        return lambda: delattr(model, "forward")
+
+    def list_entry(model):
+        model.convs[0] = Doubled(model.convs[0])
+        return lambda: None
+
+    return {
+        "flag": flag,
+        "class_forward": class_forward,
+        "replaced_child": replaced_child,
+        "root_hook": root_hook,
+        "instance_forward": instance_forward,
+        "list_entry": list_entry,
+    }
+
+
+@pytest.mark.parametrize("change", changes())
+def test_changed_traced_model_takes_the_ad_path(chain_calls, change):  # noqa: F811
+    """After the model changes, products are those of the changed model."""
+    model, datum_shape = traced_model("functional")
+    data = make_data(model, datum_shape, "ce")
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    op = GGNLinearOperator(model, loss_func, params, data)
+    undo = changes()[change](model)
+    try:
+        v = torch.randn(op.shape[1], dtype=torch.float64)
+        chain_calls.clear()
+        result = op @ v
+        assert chain_calls == []
+        dense = dense_ggn(model, loss_func, params, data)
+        torch.testing.assert_close(result, dense @ v, rtol=1e-10, atol=1e-12)
+    finally:
+        undo()
+
+
+def test_switch_turns_the_traced_chain_off(monkeypatch, chain_calls):  # noqa: F811
+    model, datum_shape = traced_model("cnn")
+    data = make_data(model, datum_shape, "ce")
+    op = GGNLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
+    chain_calls.clear()
+    op @ torch.randn(op.shape[1], dtype=torch.float64)
+    assert chain_calls == []
