@@ -49,6 +49,7 @@ from curvlinops_fisher.sequential import (
     MAX_POOLINGS,
     PASS_THROUGH,
     Call,
+    ChainNotApplicable,
 )
 
 #: Layer types a chain may call (traced as leaves).
@@ -139,12 +140,8 @@ def _plain_attributes(module: Module) -> dict[str, Any]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    try:
-        return type(a) is type(b) and type(a) in (int, float, bool, str) and a == b
-    except Exception:  # pragma: no cover - defensive
-        return False
+    """Identity, or equal values of the same plain type (equal ints need not be one object)."""
+    return a is b or (type(a) is type(b) and type(a) in (int, float, str) and a == b)
 
 
 def _trace(model: Module) -> fx.Graph:
@@ -176,7 +173,8 @@ def _shape_value(node: Any, current: fx.Node, h: Tensor) -> Any:
         return args[0].shape
     if node.op == "call_function" and node.target is operator.getitem:
         return args[0][args[1]]
-    raise _NotAChain(f"unsupported shape argument {node}")  # pragma: no cover
+    # unreachable: _is_shape_node admitted only the forms above
+    raise ChainNotApplicable(f"unsupported shape argument {node}")  # pragma: no cover
 
 
 def _is_shape_node(node: fx.Node, current: fx.Node) -> bool:

@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from reference import dense_ggn
 from test_sequential import (
     OPERATORS,
     chain_calls,  # noqa: F401 (fixture)
+    check_change_takes_ad_path,
     check_products,
     make_data,
     operator_id,
@@ -253,19 +253,7 @@ def test_changed_traced_model_takes_the_ad_path(chain_calls, change):  # noqa: F
     """After the model changes, products are those of the changed model."""
     model, datum_shape = traced_model("functional")
     data = make_data(model, datum_shape, "ce")
-    loss_func = nn.CrossEntropyLoss()
-    params = list(model.parameters())
-    op = GGNLinearOperator(model, loss_func, params, data)
-    undo = changes()[change](model)
-    try:
-        v = torch.randn(op.shape[1], dtype=torch.float64)
-        chain_calls.clear()
-        result = op @ v
-        assert chain_calls == []
-        dense = dense_ggn(model, loss_func, params, data)
-        torch.testing.assert_close(result, dense @ v, rtol=1e-10, atol=1e-12)
-    finally:
-        undo()
+    check_change_takes_ad_path(chain_calls, model, data, changes()[change])
 
 
 def test_switch_turns_the_traced_chain_off(monkeypatch, chain_calls):  # noqa: F811
