@@ -106,7 +106,7 @@ def parameter_names(model: Module, params: Sequence[Tensor]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def make_model_function(model: Module, params: Sequence[Tensor]) -> ModelFunction:
+def make_model_function(model: Module, params: Sequence[Tensor]) -> ModuleFunction:
     """Turn ``model`` into a pure function of ``params`` and the input.
 
     Parameters not in ``params`` (frozen ones, say) and buffers keep the module's
@@ -119,7 +119,7 @@ def make_model_function(model: Module, params: Sequence[Tensor]) -> ModelFunctio
     Returns:
         ``f(param_values, X) -> output``.
     """
-    return named_model_function(model, parameter_names(model, params))
+    return ModuleFunction(model, parameter_names(model, params))
 
 
 def named_model_function(
@@ -162,19 +162,59 @@ class ModuleFunction:
 
     def __init__(self, model: Module, names: tuple[str, ...]):
         """Find the tied aliases and the closed-form chain (see the class docstring)."""
-        self.model, self.names = model, names
+        self.model = model
+        #: Set by the first one-column product (:func:`_prefers_separate_passes`).
+        self.one_column_separate: bool | None = None
+        self._bind(names)
+
+    def _bind(self, names: tuple[str, ...]) -> None:
+        """Resolve ``names`` to every attribute they are substituted into."""
+        self.names = names
         # Every name under which each differentiated tensor lives (tied weights, e.g.
         # a language model's embedding and output layer, live under several), found
         # once here so that each call can skip functional_call's own search for ties.
-        aliases = _tied_aliases(model, names)
-        self._all_names = tuple(n for name in names for n in aliases[name])
-        self._repeats = tuple(len(aliases[name]) for name in names)
-        #: Set by the first one-column product (:func:`_prefers_separate_passes`).
-        self.one_column_separate: bool | None = None
+        aliases = _tied_aliases(self.model, names)
+        self._alias_sets = tuple(frozenset(aliases[name]) for name in names)
+        substituted = [_distinct_attributes(self.model, aliases[n]) for n in names]
+        self._all_names = tuple(n for group in substituted for n in group)
+        self._repeats = tuple(len(group) for group in substituted)
         self.sequential: SequentialChain | None = sequential_chain(
-            model,
+            self.model,
             {alias: slot for slot, name in enumerate(names) for alias in aliases[name]},
         )
+
+    def follow(self, params: Sequence[Tensor]) -> None:
+        """Re-resolve the names if the model now holds ``params`` under other ones.
+
+        Values are substituted by name, so after a model is restructured (a layer
+        wrapped in a container, a module registered under a second name, weights
+        tied or untied) the old names would differentiate the wrong tensors, or
+        none. One walk over the model's parameters and buffers (microseconds per
+        module) finds the names each tensor of ``params`` has now; if any changed,
+        names, aliases and the closed-form chain are found again, as for a new
+        operator.
+
+        Args:
+            params: The tensors the names stand for, in order.
+
+        Raises:
+            ParameterError: If some tensor is no longer in the model (its layer or
+                the parameter itself was replaced).
+        """
+        by_tensor = _names_by_tensor(self.model)
+        found = tuple(frozenset(by_tensor.get(id(p), ())) for p in params)
+        if found == self._alias_sets:
+            return
+        for i, (names, was) in enumerate(zip(found, self._alias_sets)):
+            if not names:
+                raise ParameterError(
+                    f"params[{i}] (the model's {', '.join(map(repr, sorted(was)))} when the "
+                    "operator was built) is no longer a parameter of the model: its "
+                    "layer or the parameter itself was replaced after construction. "
+                    "Build a new operator from the model's current parameters, or "
+                    "copy new values into the old ones (load_state_dict, p.copy_)."
+                )
+        self._bind(parameter_names(self.model, params))
 
     def __call__(self, param_values: tuple[Tensor, ...], X: ModelInput) -> Tensor:
         """The model's output at ``param_values`` for input ``X``."""
@@ -201,17 +241,41 @@ def _tied_aliases(model: Module, names: Sequence[str]) -> dict[str, tuple[str, .
     Returns:
         ``name -> (name, *other names of the same tensor)``.
     """
+    by_tensor = _names_by_tensor(model)
+    aliases = {}
+    for name in names:
+        found = next((group for group in by_tensor.values() if name in group), [name])
+        aliases[name] = (name, *[n for n in found if n != name])
+    return aliases
+
+
+def _distinct_attributes(model: Module, names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` less those naming the same module attribute as an earlier one.
+
+    A module registered twice (one layer called at two places) has each parameter
+    under two names but in one attribute. ``functional_call`` must substitute it
+    once: substituted twice, the restore at the end puts the substitute back, and
+    the module would lose its ``nn.Parameter``.
+    """
+    seen, kept = set(), []
+    for name in names:
+        prefix, _, attribute = name.rpartition(".")
+        key = (id(model.get_submodule(prefix)), attribute)
+        if key not in seen:
+            seen.add(key)
+            kept.append(name)
+    return tuple(kept)
+
+
+def _names_by_tensor(model: Module) -> dict[int, list[str]]:
+    """``id(tensor) -> [every name of it]`` over the parameters and buffers of ``model``."""
     by_tensor: dict[int, list[str]] = {}
     for name, tensor in [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
     ]:
         by_tensor.setdefault(id(tensor), []).append(name)
-    aliases = {}
-    for name in names:
-        found = next((group for group in by_tensor.values() if name in group), [name])
-        aliases[name] = (name, *[n for n in found if n != name])
-    return aliases
+    return by_tensor
 
 
 @contextmanager

@@ -331,7 +331,13 @@ class CurvatureLinearOperator(
 
     # --------------------------------------------------------------- helpers
     def _param_values(self) -> tuple[Tensor, ...]:
-        """Current parameter values, detached (no graph is built outside torch.func)."""
+        """Current parameter values, detached (no graph is built outside torch.func).
+
+        Raises:
+            ParameterError: If some parameter is no longer in the model (products
+                follow a model restructured around the same parameters).
+        """
+        self._model_function.follow(self._params)
         return tuple(p.detach() for p in self._params)
 
     def _batches(self, desc: str) -> Iterator[Batch]:

@@ -135,6 +135,22 @@ def dict_without_size() -> Any:
     return ggn(model_func=m, data=batches)()
 
 
+def product_after(change: Callable[[nn.Module], None]) -> Callable[[], Any]:
+    """Thunk building the MLP's GGN, changing the model, then multiplying."""
+
+    def run() -> Any:
+        m = model()
+        op = ggn(model_func=m)()
+        change(m)
+        return op @ torch.ones(op.shape[1], dtype=op.dtype)
+
+    return run
+
+
+def replace_fc1(m: nn.Module) -> None:
+    m.fc1 = nn.Linear(m.fc1.in_features, m.fc1.out_features).double()
+
+
 W = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
 
 #: id -> (thunk, exception class, regex naming the cause)
@@ -235,6 +251,12 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
     ),
     "params-unused": (unused_param, E.ParameterError, r"not used by the model"),
     "params-mixed-dtypes": (mixed_dtypes, E.ParameterError, r"one dtype and device"),
+    "params-replaced": (
+        product_after(replace_fc1),
+        E.ParameterError,
+        r"params\[0\] \(the model's 'fc1.weight' when the operator was built\) is no "
+        r"longer a parameter of the model",
+    ),
     # data
     "data-iterator": (ggn(data=iter(data())), E.DataError, r"consumed only once"),
     "data-no-batches": (ggn(data=[]), E.DataError, r"data is empty"),

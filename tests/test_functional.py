@@ -25,6 +25,7 @@ from curvlinops_fisher import (
     EFLinearOperator,
     FisherMCLinearOperator,
     GGNLinearOperator,
+    core,
 )
 from curvlinops_fisher.errors import (
     DataError,
@@ -234,6 +235,30 @@ def test_params_are_the_linearization_point() -> None:
         for p, value in zip(problem.params, shifted.values()):
             p.copy_(value)
     assert_matrix_close(actual, reference(problem, "ggn"))
+
+
+@pytest.mark.parametrize("closed_form", [True, False], ids=["chain", "ad"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_called_twice(monkeypatch, kind: str, closed_form: bool) -> None:
+    """A layer registered twice: its parameter counts once, the module keeps it."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", closed_form)
+    torch.manual_seed(0)
+    shared = nn.Linear(5, 5)
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(5, 3)
+    ).double()
+    held = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    params = dict(model.named_parameters())  # '4.weight' is '2.weight'
+    loss_func = nn.CrossEntropyLoss(reduction="sum")
+    mv = WITH_DATA[kind](model, params, batch, loss_func)
+    dim = sum(p.numel() for p in params.values())
+    actual = dense_of(mv, dim)
+    v = torch.randn(dim, dtype=torch.float64)
+    torch.testing.assert_close(mv(v), actual @ v)
+    assert [id(p) for _, p in model.named_parameters(remove_duplicate=False)] == held
+    dense = {"ggn": dense_ggn, "mc": dense_fisher_mc, "ef": dense_ef}[kind]
+    assert_matrix_close(actual, dense(model, loss_func, list(params.values()), [batch]))
 
 
 @pytest.mark.parametrize("kind", KINDS)

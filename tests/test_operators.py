@@ -387,6 +387,20 @@ def test_check_deterministic_off(name: str) -> None:
     assert_matrix_close(dense, reference(name, problem))
 
 
+@pytest.mark.parametrize("name", list(ALL_OPERATORS))
+def test_follows_loaded_weights(name: str) -> None:
+    """Weights loaded in place after construction (``load_state_dict``) are used."""
+    problem = make_problem("mlp_tanh", "ce", "mean", "unequal")
+    op = build(name, problem)
+    torch.manual_seed(3)
+    other = make_problem("mlp_tanh", "ce", "mean", "unequal").model
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+    problem.model.load_state_dict(other.state_dict())
+    assert_matrix_close(to_dense(op), reference(name, problem))
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("name", list(ALL_OPERATORS))
 def test_dataloader_equals_list(name: str, loss: str) -> None:

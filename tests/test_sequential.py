@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
@@ -209,7 +210,12 @@ def ad_path_products(monkeypatch, op, *vectors):
 
 
 def check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data):
-    """Products with 1 and 3 columns equal brute force and the AD path."""
+    """Products with 1 and 3 columns equal brute force and the AD path.
+
+    Afterwards the model holds the very parameters it held before (a product must
+    not leave substituted tensors in it).
+    """
+    held = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
     op = kind(model, loss_func, params, data)
     dense = dict(REFERENCES)[kind](model, loss_func, params, data)
     generator = torch.Generator().manual_seed(2)
@@ -225,6 +231,7 @@ def check_products(monkeypatch, chain_calls, kind, model, loss_func, params, dat
     torch.testing.assert_close(AV, ad_V, rtol=1e-12, atol=1e-14)
     assert not Av.requires_grad and not AV.requires_grad
     assert all(p.grad is None for p in model.parameters())
+    assert [id(p) for _, p in model.named_parameters(remove_duplicate=False)] == held
 
 
 @pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
@@ -531,6 +538,32 @@ def test_changed_model_takes_the_ad_path(chain_calls, change):
     chain_calls.clear()
     op @ v
     assert chain_calls == [1] * len(data) or change == "replaced_child"
+
+
+@pytest.mark.parametrize("closed_form", [True, False], ids=["chain", "ad"])
+@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
+def test_products_follow_a_restructured_model(
+    monkeypatch, chain_calls, kind, closed_form
+):
+    """Parameters that move to other names (layers wrapped in containers) are found
+    again: products are those of the changed model."""
+    monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", closed_form)
+    model = mlp()
+    data = make_data(model, (4,), "ce")
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    op = kind(model, loss_func, params, data)
+    v = torch.randn(op.shape[1], 2, dtype=torch.float64)
+    for change in (
+        lambda: model.__setitem__(0, nn.Sequential(model[0])),  # '0.0.weight'
+        lambda: model.__setitem__(2, nn.Sequential(OrderedDict(out=model[2]))),
+    ):
+        change()
+        chain_calls.clear()
+        result = op @ v
+        assert chain_calls == ([2] * len(data) if closed_form else [])
+        dense = dict(REFERENCES)[kind](model, loss_func, params, data)
+        torch.testing.assert_close(result, dense @ v, rtol=1e-10, atol=1e-12)
 
 
 def test_dropout_in_training_mode_is_not_current():
