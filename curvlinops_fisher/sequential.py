@@ -1,7 +1,8 @@
 r"""Closed-form linearization of chains of layers (MLPs and plain CNNs).
 
-For a model that computes a chain of ``nn.Linear`` / convolution layers, max-pooling,
-reshapes and elementwise activations (an MLP, or a CNN of the LeNet / VGG kind), the
+For a model that computes a chain of ``nn.Linear`` / convolution layers, batch norms
+in eval mode, pooling, reshapes and elementwise activations (an MLP, or a CNN of the
+LeNet / VGG kind), the
 Jacobian-vector and vector-Jacobian products of a product are written out layer by
 layer instead of being derived by forward-mode and reverse AD. For a linear layer
 :math:`\mathbf{z} = \mathbf{x}\mathbf{W}^\top + \mathbf{b}` and an activation
@@ -44,7 +45,11 @@ every product; anything else takes the AD path): the model is an ``nn.Sequential
 (nested ones are unrolled), or a module whose ``forward`` :mod:`torch.fx` traces to
 such a chain (:mod:`curvlinops_fisher.traced_chain`), of exactly these types:
 ``nn.Linear``; ``nn.Conv1d`` / ``2d`` / ``3d`` with ``padding_mode='zeros'``;
-``nn.MaxPool1d`` / ``2d`` / ``3d`` without ``return_indices``; the elementwise
+``nn.BatchNorm1d`` / ``2d`` / ``3d`` in eval mode with running statistics (an
+affine map per channel); ``nn.MaxPool1d`` / ``2d`` / ``3d`` without
+``return_indices``; ``nn.AvgPool1d`` / ``2d`` / ``3d`` and
+``nn.AdaptiveAvgPool1d`` / ``2d`` / ``3d`` (linear: tangents pooled, cotangents
+through PyTorch's pooling backward kernels); the elementwise
 activations of :data:`CLOSED_FORM_ACTIVATIONS` and :data:`ELEMENTWISE_ACTIVATIONS`;
 ``nn.Flatten`` (and reshapes in a traced ``forward``), ``nn.Identity`` and
 ``nn.Dropout`` in eval mode (or with ``p = 0``); no module has hooks, a
@@ -64,6 +69,7 @@ from torch.autograd import forward_ad
 from torch.nn import Module
 from torch.nn import functional as F
 from torch.nn import modules as torch_modules
+from torch.nn.modules.utils import _ntuple
 
 #: ``(output, JVPs, backward)`` as in :func:`curvlinops_fisher.core.linearize`;
 #: ``backward(cotangents, out)`` adds the VJPs to ``out``.
@@ -102,7 +108,7 @@ class _Point(NamedTuple):
 
 def _relu(z: Tensor) -> tuple[Tensor, Tensor]:
     h = torch.relu(z)
-    return h, (h > 0).to(h.dtype)
+    return h, h > 0  # a bool mask: a quarter (float64: an eighth) of the memory
 
 
 def _tanh(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,6 +165,24 @@ MAX_POOLINGS: dict[type[Module], int] = {
     nn.MaxPool1d: 1,
     nn.MaxPool2d: 2,
     nn.MaxPool3d: 3,
+}
+
+#: Average-pooling layers in closed form (fixed and adaptive windows), with their
+#: number of spatial dimensions.
+AVERAGE_POOLINGS: dict[type[Module], int] = {
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+}
+#: Batch normalization in closed form (eval mode, running statistics), with the
+#: numbers of input dimensions each accepts.
+BATCH_NORMS: dict[type[Module], tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
 }
 
 PASS_THROUGH: tuple[type[Module], ...] = (nn.Identity, nn.Dropout)
@@ -404,6 +428,136 @@ class _MaxPool:
 
 
 @dataclass(frozen=True)
+class _AvgPool:
+    """An average-pooling step (``nn.AvgPool*d``, ``nn.AdaptiveAvgPool*d``): linear.
+
+    Tangents are pooled like the primal; cotangents go through the pooling's
+    transpose (PyTorch's own backward kernels, 1-d pooling as 2-d of height 1).
+    """
+
+    module: Module
+    active: bool
+
+    def primal(self, h: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Any]:
+        """The pooled output and the input's shape."""
+        if h.ndim != AVERAGE_POOLINGS[type(self.module)] + 2:
+            raise ChainNotApplicable("unbatched pooling input")
+        return self.module(h), h.shape
+
+    def tangent(
+        self, shape: Any, dh: Tensor, point: _Point
+    ) -> tuple[Tensor, BackwardRule]:
+        """The pooled tangents; backwards, the cotangents spread over the windows."""
+        K, N = dh.shape[:2]
+
+        def backward(g: Tensor, out: tuple[Tensor, ...]) -> Tensor:
+            inputs = (K * N, *shape[1:])
+            return _avg_pool_transpose(self.module, g.flatten(0, 1), inputs).unflatten(
+                0, (K, N)
+            )
+
+        return self.module(dh.flatten(0, 1)).unflatten(0, (K, N)), backward
+
+
+def _avg_pool_transpose(module: Module, g: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The transpose of average pooling ``module`` (input shape ``shape``) applied to ``g``."""
+    dims = AVERAGE_POOLINGS[type(module)]
+    lifted = dims == 1  # PyTorch's 1-d pooling is 2-d pooling of height 1
+    if lifted:
+        g, shape = g.unsqueeze(-2), (*shape[:-1], 1, shape[-1])
+    like = g.new_empty(shape)  # only its shape is read
+    aten = torch.ops.aten
+    if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        grad = aten._adaptive_avg_pool2d_backward(g, like)
+    elif isinstance(module, nn.AdaptiveAvgPool3d):
+        grad = aten._adaptive_avg_pool3d_backward(g, like)
+    else:
+        size = _ntuple(dims)
+        kernel, stride, padding = (
+            size(module.kernel_size),
+            size(module.stride),
+            size(module.padding),
+        )
+        if lifted:
+            kernel, stride, padding = (1, *kernel), (1, *stride), (0, *padding)
+        backward = aten.avg_pool3d_backward if dims == 3 else aten.avg_pool2d_backward
+        grad = backward(
+            g, like, kernel, stride, padding, module.ceil_mode,
+            module.count_include_pad, getattr(module, "divisor_override", None),
+        )  # fmt: skip
+    return grad.squeeze(-2) if lifted else grad
+
+
+@dataclass(frozen=True)
+class _BatchNorm:
+    r"""An ``nn.BatchNorm*d`` step in eval mode: an affine map per channel.
+
+    With running statistics :math:`\mu, \sigma^2` and
+    :math:`\hat{\mathbf{x}} = (\mathbf{x} - \mu) / \sqrt{\sigma^2 + \epsilon}`,
+    :math:`\mathbf{z} = \gamma \hat{\mathbf{x}} + \beta` per channel (axis 1), so
+    :math:`\dot{\mathbf{z}}_k = \gamma \dot{\mathbf{x}}_k / \sqrt{\sigma^2 +
+    \epsilon} + \dot\gamma_k \hat{\mathbf{x}} + \dot\beta_k`; backwards
+    :math:`\bar\gamma_k = \sum \mathbf{g}_k \odot \hat{\mathbf{x}}`,
+    :math:`\bar\beta_k = \sum \mathbf{g}_k` over all axes but the channel's. Same
+    fields as :class:`_Linear` (``weight`` is :math:`\gamma`, ``bias`` :math:`\beta`).
+    """
+
+    module: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
+    weight: int | None
+    bias: int | None
+    active: bool
+    input_grad: bool
+
+    def primal(self, h: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Any]:
+        """The normalized output; the per-channel scale and (if needed) x-hat."""
+        m = self.module
+        if h.ndim not in BATCH_NORMS[type(m)]:
+            raise ChainNotApplicable("unbatched batch-norm input")
+        gamma = _resolve(m, self.weight, "weight", params)
+        beta = _resolve(m, self.bias, "bias", params)
+        z = F.batch_norm(
+            h, m.running_mean, m.running_var, gamma, beta, False, 0.0, m.eps
+        )
+        if not self.active:
+            return z, None
+        per_channel = (-1, *[1] * (h.ndim - 2))
+        inv_std = torch.rsqrt(m.running_var + m.eps).view(per_channel)
+        scale = inv_std if gamma is None else gamma.view(per_channel) * inv_std
+        x_hat = None
+        if self.weight is not None:
+            x_hat = (h - m.running_mean.view(per_channel)) * inv_std
+        return z, (scale, x_hat, per_channel, z.shape)
+
+    def tangent(
+        self, state: Any, dh: Tensor | None, point: _Point
+    ) -> tuple[Tensor, BackwardRule]:
+        """Tangents ``(K, *z.shape)`` of the chunk's columns and the backward rule."""
+        scale, x_hat, per_channel, z_shape = state
+        dz = None if dh is None else dh * scale
+        if self.weight is not None:
+            d_gamma = point.V[self.weight]
+            term = d_gamma.view(d_gamma.shape[0], 1, *per_channel) * x_hat
+            dz = term if dz is None else dz.add_(term)
+        if self.bias is not None:
+            d_beta = point.V[self.bias]
+            d_beta = d_beta.view(d_beta.shape[0], 1, *per_channel)
+            shape = (d_beta.shape[0], *z_shape)
+            dz = d_beta.expand(shape).contiguous() if dz is None else dz.add_(d_beta)
+        return dz, self._backward_rule(scale, x_hat)
+
+    def _backward_rule(self, scale: Tensor, x_hat: Tensor | None) -> BackwardRule:
+        def backward(g: Tensor, out: tuple[Tensor, ...]) -> Tensor | None:
+            summed = [1, *range(3, g.ndim)]  # all axes but the column's and channel's
+            if self.weight is not None:
+                out[self.weight].add_((g * x_hat).sum(summed))
+            if self.bias is not None:
+                out[self.bias].add_(g.sum(summed))
+            return g * scale if self.input_grad else None
+
+        return backward
+
+
+@dataclass(frozen=True)
 class _Activation:
     """An elementwise activation (closed-form derivative or one from forward AD)."""
 
@@ -466,7 +620,7 @@ class _Reshape:
         return dh.reshape(dh.shape[0], *after), backward
 
 
-_Step = _Linear | _Conv | _MaxPool | _Activation | _Reshape
+_Step = _Linear | _Conv | _BatchNorm | _MaxPool | _AvgPool | _Activation | _Reshape
 
 
 #: A call of a chain: a module with its qualified name, or a reshape of the primal.
@@ -490,6 +644,10 @@ def _module_is_current(module: Module, cls: type[Module]) -> bool:
         return conv_padding(module) is not None
     if cls in MAX_POOLINGS:
         return not module.return_indices
+    if cls in BATCH_NORMS:  # eval mode with running statistics: a fixed affine map
+        return not module.training and (
+            module.running_mean is not None and module.running_var is not None
+        )
     return True
 
 
@@ -592,6 +750,19 @@ class SequentialChain:
         return h, JV, backward
 
 
+def _step_with_parameters(
+    cls: type[Module],
+) -> type[_Linear] | type[_Conv] | type[_BatchNorm] | None:
+    """The step of a layer type with a ``weight`` and a ``bias`` (``None``: other)."""
+    if cls is nn.Linear:
+        return _Linear
+    if cls in CONVOLUTIONS:
+        return _Conv
+    if cls in BATCH_NORMS:
+        return _BatchNorm
+    return None
+
+
 def chain_from_calls(
     calls: Sequence[Call],
     slots: Mapping[str, int],
@@ -621,18 +792,20 @@ def chain_from_calls(
             continue
         name, module = call
         cls = type(module)
-        if cls is nn.Linear or cls in CONVOLUTIONS:
-            weight = slots.get(f"{name}.weight")
+        step_cls = _step_with_parameters(cls)
+        if step_cls is not None:
+            weight = slots.get(f"{name}.weight") if module.weight is not None else None
             bias = slots.get(f"{name}.bias") if module.bias is not None else None
             own = {s for s in (weight, bias) if s is not None}
             differentiated |= own
-            step_cls = _Linear if cls is nn.Linear else _Conv
             steps.append(step_cls(module, weight, bias, reached or bool(own), reached))
             reached = reached or bool(own)
         elif cls in CLOSED_FORM_ACTIVATIONS or cls in ELEMENTWISE_ACTIVATIONS:
             steps.append(_Activation(module, reached))
         elif cls in MAX_POOLINGS:
             steps.append(_MaxPool(module, reached))
+        elif cls in AVERAGE_POOLINGS:
+            steps.append(_AvgPool(module, reached))
         elif cls is nn.Flatten:
             steps.append(_Reshape(module, reached))
         elif cls not in PASS_THROUGH:

@@ -10,7 +10,8 @@ no second input), and each is
 
 - a call of a supported layer (see :mod:`curvlinops_fisher.sequential`),
 - ``torch.relu`` / ``tanh`` / ``sigmoid`` or their ``torch.nn.functional`` or method
-  forms, ``F.leaky_relu``, ``F.gelu``, ``F.silu`` with constant arguments,
+  forms, ``F.leaky_relu``, ``F.gelu``, ``F.silu``, ``F.max_pool*d``, ``F.avg_pool*d``
+  and ``F.adaptive_avg_pool*d``, all with constant arguments,
 - a reshape that keeps the order of the elements (``view``, ``reshape``,
   ``flatten``, ``unflatten``, ``squeeze``, ``unsqueeze``, ``contiguous``, and the
   ``torch`` functions of the same names), with sizes that are constants or read
@@ -43,6 +44,8 @@ from torch.nn import Module
 from torch.nn import functional as F
 
 from curvlinops_fisher.sequential import (
+    AVERAGE_POOLINGS,
+    BATCH_NORMS,
     CLOSED_FORM_ACTIVATIONS,
     CONVOLUTIONS,
     ELEMENTWISE_ACTIVATIONS,
@@ -58,7 +61,9 @@ SUPPORTED_LAYERS: frozenset[type[Module]] = frozenset(
         nn.Linear,
         nn.Flatten,
         *CONVOLUTIONS,
+        *BATCH_NORMS,
         *MAX_POOLINGS,
+        *AVERAGE_POOLINGS,
         *CLOSED_FORM_ACTIVATIONS,
         *ELEMENTWISE_ACTIVATIONS,
         *PASS_THROUGH,
@@ -72,8 +77,43 @@ _RESHAPE_METHODS = frozenset(
 _RESHAPE_FUNCTIONS = frozenset(
     {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
 )
-#: Elementwise functions and the module that computes the same (constant kwargs).
-_ACTIVATION_FUNCTIONS: dict[Any, Callable[..., Module]] = {
+
+
+class _NotAChain(Exception):
+    """The traced graph is not a supported chain."""
+
+
+def _max_pooling(cls: type[Module]) -> Callable[..., Module]:
+    """``F.max_pool*d``'s arguments (after the input) -> the module computing the same."""
+
+    def make(
+        kernel_size: Any,
+        stride: Any = None,
+        padding: Any = 0,
+        dilation: Any = 1,
+        ceil_mode: bool = False,
+        return_indices: bool = False,
+    ) -> Module:
+        if return_indices:
+            raise _NotAChain("max-pooling that returns indices")
+        return cls(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+    return make
+
+
+#: Functions and the module that computes the same (constant arguments): elementwise
+#: activations and pooling. ``F.avg_pool*d`` and ``F.adaptive_avg_pool*d`` take their
+#: modules' arguments in the modules' order.
+_LAYER_FUNCTIONS: dict[Any, Callable[..., Module]] = {
+    F.max_pool1d: _max_pooling(nn.MaxPool1d),
+    F.max_pool2d: _max_pooling(nn.MaxPool2d),
+    F.max_pool3d: _max_pooling(nn.MaxPool3d),
+    F.avg_pool1d: nn.AvgPool1d,
+    F.avg_pool2d: nn.AvgPool2d,
+    F.avg_pool3d: nn.AvgPool3d,
+    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d,
+    F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d,
     torch.relu: lambda inplace=False: nn.ReLU(),
     F.relu: lambda inplace=False: nn.ReLU(),
     torch.tanh: nn.Tanh,
@@ -116,10 +156,6 @@ _INTERNAL = frozenset(
 TracedCalls = tuple[
     list[Call], list[tuple[Module, type[Module]]], tuple[Callable[[], bool], ...]
 ]
-
-
-class _NotAChain(Exception):
-    """The traced graph is not a supported chain."""
 
 
 def _traceable(model: Module) -> bool:
@@ -255,7 +291,7 @@ def _function_call(node: fx.Node, current: fx.Node) -> Call:
     if node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
         return _reshape(node, current)
     if constant_args and node.op == "call_function":
-        factory = _ACTIVATION_FUNCTIONS.get(node.target)
+        factory = _LAYER_FUNCTIONS.get(node.target)
         if factory is not None:
             return ("", factory(*node.args[1:], **node.kwargs))
     if constant_args and node.op == "call_method" and len(node.args) == 1:

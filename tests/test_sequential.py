@@ -153,7 +153,64 @@ def model_case(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     if name == "activation_last":
         model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Tanh())
         return model.double(), (4,)
+    if name == "batchnorm_mlp":
+        model = nn.Sequential(
+            nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)
+        )
+        return with_running_statistics(model), (4,)
+    if name == "batchnorm_cnn":  # conv -> BN -> avg-pool, BN without affine, GAP
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(3, 4, 1),
+            nn.BatchNorm2d(4, affine=False),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+        return with_running_statistics(model), (2, 4, 6)
+    if name == "avg_pool_1d":  # overlapping, padded, ceil mode; BN of (N, C, L)
+        model = nn.Sequential(
+            nn.Conv1d(2, 3, 2),
+            nn.BatchNorm1d(3),
+            nn.AvgPool1d(3, stride=2, padding=1, ceil_mode=True),
+            nn.Sigmoid(),
+            nn.AvgPool1d(2, stride=1, count_include_pad=False, padding=1),
+            nn.AdaptiveAvgPool1d(3),  # uneven windows from 5 positions
+            nn.Conv1d(3, 3, 1),  # output (N, 3, L): every position a loss term
+        )
+        return with_running_statistics(model), (2, 8)
+    if name == "avg_pool_3d":
+        model = nn.Sequential(
+            nn.Conv3d(1, 2, 2),
+            nn.BatchNorm3d(2),
+            nn.ReLU(),
+            nn.AvgPool3d((2, 1, 2), divisor_override=3),
+            nn.AdaptiveAvgPool3d((1, 2, None)),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+        return with_running_statistics(model), (1, 3, 4, 5)
     return mlp(), (4,)
+
+
+def with_running_statistics(model: nn.Module) -> nn.Module:
+    """``model`` in float64 and eval mode, its batch norms' statistics and affine
+    parameters random (not the identity map of a fresh layer)."""
+    generator = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(size, generator=generator))
+            if module.affine:
+                with torch.no_grad():
+                    module.weight.copy_(torch.randn(size, generator=generator))
+                    module.bias.copy_(torch.randn(size, generator=generator))
+    return model.double().eval()
 
 
 MODEL_CASES = (
@@ -170,6 +227,10 @@ MODEL_CASES = (
     "conv1d_groups",
     "conv3d",
     "conv_valid",
+    "batchnorm_mlp",
+    "batchnorm_cnn",
+    "avg_pool_1d",
+    "avg_pool_3d",
 )
 
 
@@ -307,6 +368,14 @@ def test_parameter_subsets(monkeypatch, chain_calls, kind, subset):
     check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
 
 
+BATCHNORM_SUBSETS = {
+    "scale": lambda m: [m[1].weight],
+    "shift": lambda m: [m[1].bias],
+    "shift_last_weight": lambda m: [m[1].bias, m[3].weight],
+    "around": lambda m: [m[3].bias, m[0].weight],
+}
+
+
 @pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
 def test_frozen_parameters(monkeypatch, chain_calls, kind):
     model = mlp(bias=False)
@@ -371,12 +440,20 @@ CNN_SUBSETS = {
 }
 
 
+#: Parameter subsets of model cases (batch norm: its scale or shift as the first
+#: differentiated parameter).
+MODEL_SUBSETS = {"cnn": CNN_SUBSETS, "batchnorm_mlp": BATCHNORM_SUBSETS}
+
+
 @pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
-@pytest.mark.parametrize("subset", CNN_SUBSETS)
-def test_cnn_parameter_subsets(monkeypatch, chain_calls, kind, subset):
-    model, datum_shape = model_case("cnn")
+@pytest.mark.parametrize(
+    "case, subset",
+    [(case, subset) for case, subsets in MODEL_SUBSETS.items() for subset in subsets],
+)
+def test_model_parameter_subsets(monkeypatch, chain_calls, kind, case, subset):
+    model, datum_shape = model_case(case)
     data = make_data(model, datum_shape, "ce")
-    params = CNN_SUBSETS[subset](model)
+    params = MODEL_SUBSETS[case][subset](model)
     loss_func = nn.CrossEntropyLoss(reduction="sum")
     check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
 
@@ -413,9 +490,15 @@ def not_qualifying(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "subclass":
         return CustomSequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    if name == "batchnorm":
+    if name == "batchnorm_training":  # batch statistics couple the data points
         layers = (nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
-        return nn.Sequential(*layers).double().eval()
+        return nn.Sequential(*layers).double()
+    if name == "batchnorm_without_running_statistics":  # batch statistics in eval
+        norm = nn.BatchNorm1d(5, track_running_stats=False)
+        return nn.Sequential(nn.Linear(4, 5), norm, nn.Linear(5, 3)).double().eval()
+    if name == "lp_pool":
+        layers = (nn.Conv1d(1, 2, 3), nn.LPPool1d(2, 2), nn.Flatten(), nn.Linear(2, 3))
+        return nn.Sequential(*layers).double()
     if name == "prelu":
         return nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3)).double()
     if name == "linear_subclass":
@@ -433,9 +516,6 @@ def not_qualifying(name: str) -> nn.Module:
     if name == "transposed":
         conv = nn.ConvTranspose1d(1, 2, 2)
         return nn.Sequential(conv, nn.Flatten(), nn.Linear(10, 3)).double()
-    if name == "avg_pool":
-        layers = (nn.Conv1d(1, 2, 3), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(2, 3))
-        return nn.Sequential(*layers).double()
     if name == "module":
         return nn.ModuleList([nn.Linear(4, 3)]).double()
     model = mlp()
@@ -452,7 +532,9 @@ class Doubled(nn.Module):
     "name",
     [
         "subclass",
-        "batchnorm",
+        "batchnorm_training",
+        "batchnorm_without_running_statistics",
+        "lp_pool",
         "prelu",
         "linear_subclass",
         "module",
@@ -460,7 +542,6 @@ class Doubled(nn.Module):
         "reflect_padding",
         "same_even_kernel",
         "transposed",
-        "avg_pool",
     ],
 )
 def test_models_that_do_not_qualify(name):
@@ -564,6 +645,18 @@ def test_products_follow_a_restructured_model(
         assert chain_calls == ([2] * len(data) if closed_form else [])
         dense = dict(REFERENCES)[kind](model, loss_func, params, data)
         torch.testing.assert_close(result, dense @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_batchnorm_with_batch_statistics_is_not_current():
+    """Training mode, or no running statistics: the batch couples the data points."""
+    model, _ = model_case("batchnorm_mlp")
+    chain = sequential_chain(model, {"1.weight": 0})
+    assert chain is not None and chain.is_current()
+    model.train()
+    assert not chain.is_current()
+    model.eval()
+    model[1].running_var = None
+    assert not chain.is_current()
 
 
 def test_dropout_in_training_mode_is_not_current():

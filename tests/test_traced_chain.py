@@ -14,6 +14,7 @@ from test_sequential import (
     check_products,
     make_data,
     operator_id,
+    with_running_statistics,
 )
 from torch import nn
 from torch.nn import functional as F
@@ -57,6 +58,22 @@ class FunctionalNet(nn.Module):
         return F.gelu(self.out(torch.reshape(x, (x.shape[0], 4))))
 
 
+class LeNet(nn.Module):
+    """The tutorial CNN: functional pooling between convolutions, a batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.norm(self.conv1(x))), 2, stride=1)
+        x = F.avg_pool2d(torch.tanh(self.conv2(x)), (1, 2), ceil_mode=True)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))
+
+
 class CustomSequential(nn.Sequential):
     """A subclass that keeps ``nn.Sequential``'s forward."""
 
@@ -69,10 +86,12 @@ def traced_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         return FunctionalNet().double(), (2, 4)
     if name == "functional_relu":
         return FunctionalNet(use_tanh=False).double(), (2, 4)
+    if name == "lenet":
+        return with_running_statistics(LeNet()), (1, 5, 6)
     return CustomSequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), (4,)
 
 
-TRACED = ["cnn", "functional", "functional_relu", "subclass"]
+TRACED = ["cnn", "functional", "functional_relu", "lenet", "subclass"]
 
 
 @pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
@@ -151,19 +170,28 @@ class TwoInputs(nn.Module):
         return self.layer(x)
 
 
-class WithBatchNorm(nn.Module):
+class WithLayerNorm(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layer, self.norm = nn.Linear(3, 3), nn.BatchNorm1d(3)
+        self.layer, self.norm = nn.Linear(3, 3), nn.LayerNorm(3)
 
     def forward(self, x):
         return self.norm(self.layer(x))
 
 
+class PoolingIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 2)
+
+    def forward(self, x):
+        return F.max_pool1d(self.conv(x), 2, return_indices=True)[0]
+
+
 @pytest.mark.parametrize(
     "cls",
     [Residual, OwnParameter, DataDependent, Permuted, DeadBranch, TwoInputs]
-    + [WithBatchNorm],
+    + [WithLayerNorm, PoolingIndices],
 )
 def test_models_that_do_not_trace_to_a_chain(cls):
     model = cls()
