@@ -43,7 +43,9 @@ all chunks. The numbers agree with the AD path to rounding.
 Which models qualify (checked at construction and, for what can change later, before
 every product; anything else takes the AD path): the model is an ``nn.Sequential``
 (nested ones are unrolled), or a module whose ``forward`` :mod:`torch.fx` traces to
-such a chain (:mod:`curvlinops_fisher.traced_chain`), of exactly these types:
+such a chain, or to a graph that also adds earlier values (residual connections,
+:mod:`curvlinops_fisher.traced_chain`): tangents of a sum add up, and backwards both
+summands get its cotangents. The layers are of exactly these types:
 ``nn.Linear``; ``nn.Conv1d`` / ``2d`` / ``3d`` with ``padding_mode='zeros'``;
 ``nn.BatchNorm1d`` / ``2d`` / ``3d`` in eval mode with running statistics (an
 affine map per channel); ``nn.MaxPool1d`` / ``2d`` / ``3d`` without
@@ -620,11 +622,30 @@ class _Reshape:
         return dh.reshape(dh.shape[0], *after), backward
 
 
-_Step = _Linear | _Conv | _BatchNorm | _MaxPool | _AvgPool | _Activation | _Reshape
+@dataclass(frozen=True)
+class _Add:
+    """The sum of two earlier values (a residual connection).
+
+    Tangents add up; backwards, both summands get the sum's cotangents.
+    """
+
+    active: bool
 
 
-#: A call of a chain: a module with its qualified name, or a reshape of the primal.
-Call = tuple[str, Module] | Callable[[Tensor], Tensor]
+class Add:
+    """The call of a graph that adds two earlier values (see :func:`chain_from_calls`)."""
+
+
+#: The one :class:`Add` call.
+ADD = Add()
+
+_Step = (
+    _Linear | _Conv | _BatchNorm | _MaxPool | _AvgPool | _Activation | _Reshape | _Add
+)
+
+#: A call of a chain: a module with its qualified name, a reshape of the primal, or
+#: :data:`ADD`.
+Call = tuple[str, Module] | Callable[[Tensor], Tensor] | Add
 
 
 def _module_is_current(module: Module, cls: type[Module]) -> bool:
@@ -656,12 +677,18 @@ class SequentialChain:
 
     Build with :func:`sequential_chain`.
 
+    The steps form a graph: value 0 is the model's input, value ``i + 1`` the output
+    of step ``i``, which reads the values ``sources[i]`` (one, or two for an
+    :class:`_Add`); the last value is the model's output. A plain chain has
+    ``sources[i] == (i,)``.
+
     Args:
         steps: The computing steps, in order (pass-through modules dropped).
         modules: Every module the model calls or contains, with its exact type at
             construction.
         guards: Further checks that must hold before a product (e.g. that the
             containers still hold the same children).
+        sources: The values each step reads (default: a plain chain).
     """
 
     def __init__(
@@ -669,11 +696,20 @@ class SequentialChain:
         steps: tuple[_Step, ...],
         modules: tuple[tuple[Module, type[Module]], ...],
         guards: tuple[Callable[[], bool], ...] = (),
+        sources: tuple[tuple[int, ...], ...] | None = None,
     ):
         """Store the chain (see the class docstring)."""
         self.steps = steps
         self.modules = modules
         self.guards = guards
+        self.sources = sources or tuple((i,) for i in range(len(steps)))
+        #: The last step reading each value: its references are dropped after it.
+        self._last_use = [-1] * (len(steps) + 1)
+        for i, reads in enumerate(self.sources):
+            for value in reads:
+                self._last_use[value] = i
+        #: Whether a value depends on a differentiated parameter (has tangents).
+        self._has_tangent = [False, *(step.active for step in steps)]
 
     def is_current(self) -> bool:
         """Whether the model still computes what the steps compute.
@@ -718,36 +754,94 @@ class SequentialChain:
         K = V[0].shape[0]
         states, widest = [], 0
         with torch.no_grad():
-            h = X
-            for step in self.steps:
-                h, state = step.primal(h, params)
+            values: list[Tensor | None] = [X, *[None] * len(self.steps)]
+            for i, step in enumerate(self.steps):
+                reads = [values[v] for v in self.sources[i]]
+                self._drop_last_reads(values, i)
+                if isinstance(step, _Add):
+                    h, state = reads[0] + reads[1], None
+                else:
+                    h, state = step.primal(reads[0], params)
+                values[i + 1] = h
                 states.append(state)
                 if step.active:
                     widest = max(widest, h.numel() * h.element_size())
+            output = values[-1]
             chunk = max(1, TANGENT_CHUNK_BYTES // max(widest, 1))
             JVs, chunks = [], []
             for start in range(0, K, chunk):
                 point = _Point(params, tuple(v[start : start + chunk] for v in V))
-                dh, rules = None, []
-                for step, state in zip(self.steps, states):
-                    if step.active:
-                        dh, rule = step.tangent(state, dh, point)
-                        rules.append(rule)
-                JVs.append(dh)
+                JV_chunk, rules = self._tangents(states, point)
+                JVs.append(JV_chunk)
                 chunks.append((start, rules))
         JV = JVs[0] if len(JVs) == 1 else torch.cat(JVs)
 
         def backward(cotangents: Tensor, out: tuple[Tensor, ...]) -> None:
             with torch.no_grad():
                 for start, rules in chunks:
-                    g: Tensor | None = cotangents[start : start + chunk]
                     out_chunk = tuple(o[start : start + chunk] for o in out)
-                    for rule in reversed(rules):
-                        g = rule(g, out_chunk)
-                        if g is None:
-                            break
+                    self._cotangents(
+                        rules, cotangents[start : start + chunk], out_chunk
+                    )
 
-        return h, JV, backward
+        return output, JV, backward
+
+    def _drop_last_reads(self, values: list[Tensor | None], i: int) -> None:
+        """Drop the references to the values step ``i`` is the last to read."""
+        for v in self.sources[i]:
+            if self._last_use[v] == i:
+                values[v] = None
+
+    def _tangents(
+        self, states: list[Any], point: _Point
+    ) -> tuple[Tensor, list[BackwardRule | None]]:
+        """Tangents of the output for one chunk of columns, and each step's rule."""
+        tangents: list[Tensor | None] = [None] * (len(self.steps) + 1)
+        rules: list[BackwardRule | None] = []
+        for i, (step, state) in enumerate(zip(self.steps, states)):
+            if not step.active:
+                rules.append(None)
+                continue
+            reads = [tangents[v] for v in self.sources[i]]
+            self._drop_last_reads(tangents, i)
+            if isinstance(step, _Add):
+                present = [t for t in reads if t is not None]
+                dz, rule = sum(present[1:], present[0]), _same_cotangents
+            else:
+                dz, rule = step.tangent(state, reads[0], point)
+            tangents[i + 1] = dz
+            rules.append(rule)
+        return tangents[-1], rules
+
+    def _cotangents(
+        self,
+        rules: list[BackwardRule | None],
+        cotangents: Tensor,
+        out: tuple[Tensor, ...],
+    ) -> None:
+        """Run the rules backwards from the output's cotangents, adding into ``out``.
+
+        The cotangents a rule returns go to every value its step read (both
+        summands of an :class:`_Add`); a value read by several steps gets the sum
+        (out of place: rules may return views of the cotangents they were given).
+        """
+        pending: list[Tensor | None] = [None] * len(self.steps) + [cotangents]
+        for i in reversed(range(len(self.steps))):
+            rule, g = rules[i], pending[i + 1]
+            pending[i + 1] = None
+            if rule is None or g is None:
+                continue
+            grad = rule(g, out)
+            if grad is None:
+                continue
+            for v in self.sources[i]:
+                if self._has_tangent[v]:
+                    pending[v] = grad if pending[v] is None else pending[v] + grad
+
+
+def _same_cotangents(g: Tensor, out: tuple[Tensor, ...]) -> Tensor:
+    """Backward rule of an :class:`_Add`: each summand gets the sum's cotangents."""
+    return g
 
 
 def _step_with_parameters(
@@ -768,51 +862,77 @@ def chain_from_calls(
     slots: Mapping[str, int],
     modules: Sequence[tuple[Module, type[Module]]],
     guards: tuple[Callable[[], bool], ...] = (),
+    sources: Sequence[tuple[int, ...]] | None = None,
 ) -> SequentialChain | None:
     """The closed-form chain of a sequence of calls, or ``None`` if one is unsupported.
 
     Args:
-        calls: The model's computation in order: ``(qualified name, module)`` pairs
-            and reshapes of the primal.
+        calls: The model's computation in order: ``(qualified name, module)`` pairs,
+            reshapes of the primal and :data:`ADD`.
         slots: Parameter name (every name of a tied tensor included) -> its slot in
             the ``params`` of the products.
         modules: Every module of the model with its type (containers included).
         guards: Passed on to :class:`SequentialChain`.
+        sources: The values each call reads: 0 is the model's input, ``j + 1`` the
+            output of call ``j``; two for :data:`ADD`, one for the others. The last
+            call's output is the model's. Default: each call reads the previous one.
 
     Returns:
         The chain, or ``None`` if a call is unsupported or a parameter in ``slots``
         is not a weight or bias of a called layer.
     """
+    if sources is None:
+        sources = [(j,) for j in range(len(calls))]
     steps: list[_Step] = []
+    step_sources: list[tuple[int, ...]] = []
+    node_of = [0]  # value of the calls -> value of the steps (pass-through dropped)
+    has_tangent = [False]  # per value of the steps: depends on a differentiated one
     differentiated: set[int] = set()
-    reached = False  # a differentiated layer came before
-    for call in calls:
-        if not isinstance(call, tuple):
-            steps.append(_Reshape(call, reached))
+    for call, reads in zip(calls, sources):
+        nodes = tuple(node_of[v] for v in reads)
+        if isinstance(call, tuple) and type(call[1]) in PASS_THROUGH:
+            node_of.append(nodes[0])
             continue
-        name, module = call
-        cls = type(module)
-        step_cls = _step_with_parameters(cls)
-        if step_cls is not None:
-            weight = slots.get(f"{name}.weight") if module.weight is not None else None
-            bias = slots.get(f"{name}.bias") if module.bias is not None else None
-            own = {s for s in (weight, bias) if s is not None}
-            differentiated |= own
-            steps.append(step_cls(module, weight, bias, reached or bool(own), reached))
-            reached = reached or bool(own)
-        elif cls in CLOSED_FORM_ACTIVATIONS or cls in ELEMENTWISE_ACTIVATIONS:
-            steps.append(_Activation(module, reached))
-        elif cls in MAX_POOLINGS:
-            steps.append(_MaxPool(module, reached))
-        elif cls in AVERAGE_POOLINGS:
-            steps.append(_AvgPool(module, reached))
-        elif cls is nn.Flatten:
-            steps.append(_Reshape(module, reached))
-        elif cls not in PASS_THROUGH:
+        step = _step(call, slots, any(has_tangent[n] for n in nodes))
+        if step is None:
             return None
+        for slot in (getattr(step, "weight", None), getattr(step, "bias", None)):
+            if slot is not None:
+                differentiated.add(slot)
+        steps.append(step)
+        step_sources.append(nodes)
+        has_tangent.append(step.active)
+        node_of.append(len(steps))
     if differentiated != set(slots.values()):
         return None  # a parameter the chain does not see (not a layer's weight/bias)
-    return SequentialChain(tuple(steps), tuple(modules), guards)
+    if node_of[-1] != len(steps):
+        return None  # the output passes an earlier value through (not in a chain)
+    return SequentialChain(tuple(steps), tuple(modules), guards, tuple(step_sources))
+
+
+def _step(call: Call, slots: Mapping[str, int], reached: bool) -> _Step | None:
+    """The step of a call (``None``: unsupported); ``reached``: its input has tangents."""
+    if isinstance(call, Add):
+        return _Add(reached)
+    if not isinstance(call, tuple):
+        return _Reshape(call, reached)
+    name, module = call
+    cls = type(module)
+    step_cls = _step_with_parameters(cls)
+    if step_cls is not None:
+        weight = slots.get(f"{name}.weight") if module.weight is not None else None
+        bias = slots.get(f"{name}.bias") if module.bias is not None else None
+        own = weight is not None or bias is not None
+        return step_cls(module, weight, bias, reached or own, reached)
+    if cls in CLOSED_FORM_ACTIVATIONS or cls in ELEMENTWISE_ACTIVATIONS:
+        return _Activation(module, reached)
+    if cls in MAX_POOLINGS:
+        return _MaxPool(module, reached)
+    if cls in AVERAGE_POOLINGS:
+        return _AvgPool(module, reached)
+    if cls is nn.Flatten:
+        return _Reshape(module, reached)
+    return None
 
 
 def _unrolled_calls(
@@ -876,5 +996,5 @@ def sequential_chain(model: object, slots: Mapping[str, int]) -> SequentialChain
     traced = traced_calls(model)
     if traced is None:
         return None
-    calls, modules, guards = traced
-    return chain_from_calls(calls, slots, modules, guards)
+    calls, modules, guards, sources = traced
+    return chain_from_calls(calls, slots, modules, guards, sources)

@@ -1,12 +1,16 @@
-r"""Chains of layers behind a custom ``forward``, found with :mod:`torch.fx`.
+r"""Chains and residual graphs of layers behind a custom ``forward`` (:mod:`torch.fx`).
 
 Most models are not an ``nn.Sequential`` but a class whose ``forward`` calls its
 layers one after the other (``self.head(self.features(x))``, or a loop over a
-``ModuleList``, with a ``view`` or ``torch.relu`` in between). :func:`traced_calls`
-traces such a ``forward`` once, symbolically, and returns its calls when they form a
-chain that :mod:`curvlinops_fisher.sequential` can linearize in closed form: each
-operation takes the previous one's output and nothing else (no residual connection,
-no second input), and each is
+``ModuleList``, with a ``view`` or ``torch.relu`` in between), possibly adding a
+branch back (a ResNet block's ``out + identity``). :func:`traced_calls` traces such
+a ``forward`` once, symbolically, and returns its calls when
+:mod:`curvlinops_fisher.sequential` can linearize them in closed form: one input;
+each operation takes one earlier value and nothing else, or adds two earlier values
+(``a + b``, ``torch.add``, ``Tensor.add``, without ``alpha``); every value is used;
+no operation changes in place a value that another one reads too (``inplace=True``
+on a value the shortcut also reads would change what the model computes); and each
+operation is
 
 - a call of a supported layer (see :mod:`curvlinops_fisher.sequential`),
 - ``torch.relu`` / ``tanh`` / ``sigmoid`` or their ``torch.nn.functional`` or method
@@ -33,6 +37,7 @@ beyond these guards; switch the closed form off with
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections.abc import Callable
@@ -44,6 +49,7 @@ from torch.nn import Module
 from torch.nn import functional as F
 
 from curvlinops_fisher.sequential import (
+    ADD,
     AVERAGE_POOLINGS,
     BATCH_NORMS,
     CLOSED_FORM_ACTIVATIONS,
@@ -153,8 +159,12 @@ _INTERNAL = frozenset(
     }
 )
 
+#: ``(calls, modules, guards, sources)``, see :func:`traced_calls`.
 TracedCalls = tuple[
-    list[Call], list[tuple[Module, type[Module]]], tuple[Callable[[], bool], ...]
+    list[Call],
+    list[tuple[Module, type[Module]]],
+    tuple[Callable[[], bool], ...],
+    list[tuple[int, ...]],
 ]
 
 
@@ -213,6 +223,18 @@ def _shape_value(node: Any, current: fx.Node, h: Tensor) -> Any:
     raise ChainNotApplicable(f"unsupported shape argument {node}")  # pragma: no cover
 
 
+def _shape_base(node: fx.Node) -> fx.Node | None:
+    """The value whose sizes ``node`` reads (``size()``, ``.shape``, indexing them)."""
+    if node.op == "call_method" and node.target == "size" and not node.kwargs:
+        return node.args[0]
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[0] if node.args[1] == "shape" else None
+    if node.op == "call_function" and node.target is operator.getitem:
+        base = node.args[0]
+        return _shape_base(base) if isinstance(base, fx.Node) else None
+    return None
+
+
 def _is_shape_node(node: fx.Node, current: fx.Node) -> bool:
     """Whether ``node`` only reads sizes of ``current`` (or of such a node)."""
 
@@ -254,31 +276,87 @@ def _reshape(node: fx.Node, current: fx.Node) -> Callable[[Tensor], Tensor]:
     return reshape
 
 
-def _graph_calls(model: Module, graph: fx.Graph) -> list[Call]:
-    """The chain of calls of a traced graph (raises :class:`_NotAChain`)."""
+def _graph_calls(
+    model: Module, graph: fx.Graph
+) -> tuple[list[Call], list[tuple[int, ...]]]:
+    """The calls of a traced graph and the values each reads (raises :class:`_NotAChain`).
+
+    Values: 0 is the input, ``j + 1`` the output of call ``j`` (see
+    :func:`curvlinops_fisher.sequential.chain_from_calls`).
+    """
     calls: list[Call] = []
-    current: fx.Node | None = None
+    sources: list[tuple[int, ...]] = []
+    in_place: list[bool] = []
+    value_of: dict[fx.Node, int] = {}
     for node in graph.nodes:
         if node.op == "placeholder":
-            if current is not None:
+            if value_of:
                 raise _NotAChain("more than one input")
-            current = node
-        elif node.op == "output":
-            if node.args != (current,):
+            value_of[node] = 0
+            continue
+        if node.op == "output":
+            if node.args != (node.args[0],) or value_of.get(node.args[0]) != len(calls):
                 raise _NotAChain("the output is not the last operation's")
-        elif current is not None and _is_shape_node(node, current):
+            continue
+        if _shape_base(node) is not None:
             continue  # evaluated by the reshape that uses it
-        elif not _uses_only(node, current):
-            raise _NotAChain(f"{node} does not take the previous output alone")
-        elif node.op == "call_module":
-            if len(node.args) != 1 or node.kwargs:
-                raise _NotAChain(f"{node} has further arguments")
-            calls.append((node.target, model.get_submodule(node.target)))
-            current = node
+        if _is_add(node):
+            if not all(a in value_of for a in node.args):
+                raise _NotAChain(f"{node} adds something other than two values")
+            calls.append(ADD)
+            sources.append(tuple(value_of[a] for a in node.args))
+            in_place.append(False)
         else:
-            calls.append(_function_call(node, current))
-            current = node
-    return calls
+            base = node.args[0] if node.args else None
+            if base not in value_of or not _uses_only(node, base):
+                raise _NotAChain(f"{node} does not take one earlier value alone")
+            if node.op == "call_module":
+                if len(node.args) != 1 or node.kwargs:
+                    raise _NotAChain(f"{node} has further arguments")
+                module = model.get_submodule(node.target)
+                calls.append((node.target, module))
+                in_place.append(bool(getattr(module, "inplace", False)))
+            else:
+                calls.append(_function_call(node, base))
+                in_place.append(_in_place_argument(node))
+            sources.append((value_of[base],))
+        value_of[node] = len(calls)
+    _check_values(sources, in_place)
+    return calls, sources
+
+
+def _check_values(sources: list[tuple[int, ...]], in_place: list[bool]) -> None:
+    """Every value is used, and none that several calls read is changed in place."""
+    reads: dict[int, int] = {}
+    for values in sources:
+        for v in values:
+            reads[v] = reads.get(v, 0) + 1
+    if set(reads) != set(range(len(sources))):  # the last value is the output
+        raise _NotAChain("an operation's output is not used")
+    for values, changes_input in zip(sources, in_place):
+        if changes_input and reads[values[0]] > 1:
+            raise _NotAChain("an in-place operation on a value that is read again")
+
+
+def _is_add(node: fx.Node) -> bool:
+    """Whether ``node`` is ``a + b`` of two tensors (function or method, no ``alpha``)."""
+    function = node.op == "call_function" and node.target in (operator.add, torch.add)
+    method = node.op == "call_method" and node.target == "add"
+    return (
+        (function or method)
+        and len(node.args) == 2
+        and not node.kwargs
+        and all(isinstance(a, fx.Node) for a in node.args)
+    )
+
+
+def _in_place_argument(node: fx.Node) -> bool:
+    """Whether a function call passes ``inplace=True`` (by keyword or position)."""
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature: no inplace
+        return False
+    return bool(bound.arguments.get("inplace", False))
 
 
 def _function_call(node: fx.Node, current: fx.Node) -> Call:
@@ -309,15 +387,17 @@ def traced_calls(model: Module) -> TracedCalls | None:
 
     Returns:
         The calls in order (``(qualified name, module)`` for layers, including
-        modules made up for activation functions, and reshape functions), every
-        module of the model with its type, and the guards of what the trace baked
-        in; or ``None`` if the model does not trace to a supported chain.
+        modules made up for activation and pooling functions, reshape functions and
+        :data:`~curvlinops_fisher.sequential.ADD`), every module of the model with
+        its type, the guards of what the trace baked in, and the values each call
+        reads (see :func:`~curvlinops_fisher.sequential.chain_from_calls`); or
+        ``None`` if the model does not trace to a supported graph.
     """
     if not isinstance(model, Module) or not _traceable(model):
         return None
     try:
         graph = _trace(model)
-        calls = _graph_calls(model, graph)
+        calls, sources = _graph_calls(model, graph)
     except Exception:  # not traceable, or not a chain: the AD path handles it
         return None
     modules = [(m, type(m)) for m in model.modules()]
@@ -340,4 +420,4 @@ def traced_calls(model: Module) -> TracedCalls | None:
                 return False
         return True
 
-    return calls, modules, (unchanged,)
+    return calls, modules, (unchanged,), sources

@@ -74,6 +74,60 @@ class LeNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class Block(nn.Module):
+    """A ResNet basic block: two convolutions with batch norms, a shortcut (a strided
+    1x1 convolution when the shape changes), one ReLU module called twice."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A stem, a block keeping the shape, a downsampling block, global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3))
+        self.layers = nn.Sequential(Block(3, 3), Block(3, 4, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.layers(torch.relu(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ResidualMLP(nn.Module):
+    """Residual additions as ``torch.add`` and ``Tensor.add``, and ``x + x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.add(h, F.silu(self.mid(h)))
+        h = h.add(self.mid(h))  # the same layer again, on the sum
+        return self.out(h + h)
+
+
 class CustomSequential(nn.Sequential):
     """A subclass that keeps ``nn.Sequential``'s forward."""
 
@@ -88,10 +142,22 @@ def traced_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         return FunctionalNet(use_tanh=False).double(), (2, 4)
     if name == "lenet":
         return with_running_statistics(LeNet()), (1, 5, 6)
+    if name == "resnet":
+        return with_running_statistics(ResNet()), (2, 4, 4)
+    if name == "residual_mlp":
+        return ResidualMLP().double(), (4,)
     return CustomSequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), (4,)
 
 
-TRACED = ["cnn", "functional", "functional_relu", "lenet", "subclass"]
+TRACED = [
+    "cnn",
+    "functional",
+    "functional_relu",
+    "lenet",
+    "resnet",
+    "residual_mlp",
+    "subclass",
+]
 
 
 @pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
@@ -114,13 +180,47 @@ def test_subset_of_a_traced_model(monkeypatch, chain_calls):  # noqa: F811
     )
 
 
-class Residual(nn.Module):
+RESNET_SUBSETS = {
+    "shortcut": lambda m: [m.layers[1].downsample[0].weight],  # one summand
+    "main_branch": lambda m: [m.layers[0].conv2.weight, m.fc.bias],
+    "scale": lambda m: [m.layers[1].bn1.weight],
+}
+
+
+@pytest.mark.parametrize("subset", RESNET_SUBSETS)
+def test_subsets_of_a_residual_model(monkeypatch, chain_calls, subset):  # noqa: F811
+    """Sums with tangents in one summand only, and cotangents into one branch."""
+    model, datum_shape = traced_model("resnet")
+    data = make_data(model, datum_shape, "ce")
+    params = RESNET_SUBSETS[subset](model)
+    check_products(
+        monkeypatch, chain_calls, GGNLinearOperator, model, nn.CrossEntropyLoss(),
+        params, data,
+    )  # fmt: skip
+
+
+class AddConstant(nn.Module):
     def __init__(self):
         super().__init__()
         self.layer = nn.Linear(3, 3)
 
     def forward(self, x):
-        return x + self.layer(x)
+        return self.layer(x) + 1
+
+
+class InPlaceOnShared(nn.Module):
+    """``relu_`` changes ``h``, which the sum reads again: the model computes
+    ``2 relu(h)``, which a graph of the values would not."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.layer, self.act = nn.Linear(3, 3), nn.ReLU(inplace=True)
+        self.functional = functional
+
+    def forward(self, x):
+        h = self.layer(x)
+        r = F.relu(h, inplace=True) if self.functional else self.act(h)
+        return r + h
 
 
 class OwnParameter(nn.Module):
@@ -190,8 +290,9 @@ class PoolingIndices(nn.Module):
 
 @pytest.mark.parametrize(
     "cls",
-    [Residual, OwnParameter, DataDependent, Permuted, DeadBranch, TwoInputs]
-    + [WithLayerNorm, PoolingIndices],
+    [AddConstant, OwnParameter, DataDependent, Permuted, DeadBranch, TwoInputs]
+    + [WithLayerNorm, PoolingIndices]
+    + [lambda: InPlaceOnShared(True), lambda: InPlaceOnShared(False)],
 )
 def test_models_that_do_not_trace_to_a_chain(cls):
     model = cls()
