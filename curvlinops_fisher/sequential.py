@@ -768,6 +768,8 @@ class SequentialChain:
                     widest = max(widest, h.numel() * h.element_size())
             output = values[-1]
             chunk = max(1, TANGENT_CHUNK_BYTES // max(widest, 1))
+            if K > chunk:  # every chunk multiplies by each mask twice
+                states = _float_masks(self.steps, states, output.dtype)
             JVs, chunks = [], []
             for start in range(0, K, chunk):
                 point = _Point(params, tuple(v[start : start + chunk] for v in V))
@@ -837,6 +839,25 @@ class SequentialChain:
             for v in self.sources[i]:
                 if self._has_tangent[v]:
                     pending[v] = grad if pending[v] is None else pending[v] + grad
+
+
+def _float_masks(
+    steps: Sequence[_Step], states: list[Any], dtype: torch.dtype
+) -> list[Any]:
+    """``states`` with the activations' bool masks (ReLU's) as ``dtype`` tensors.
+
+    A bool mask keeps a quarter of the memory (float32), but multiplying by it is
+    slower (1.5x at a million entries); with several chunks of columns the product
+    multiplies by each mask twice per chunk, which made 16-column products of the CNN
+    W2 10% slower than with float masks.
+    """
+    return [
+        state.to(dtype)
+        if isinstance(step, _Activation) and state is not None
+        and state.dtype == torch.bool
+        else state
+        for step, state in zip(steps, states)
+    ]  # fmt: skip
 
 
 def _same_cotangents(g: Tensor, out: tuple[Tensor, ...]) -> Tensor:
