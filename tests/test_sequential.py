@@ -357,17 +357,6 @@ SUBSETS = {
 }
 
 
-@pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
-@pytest.mark.parametrize("subset", SUBSETS)
-def test_parameter_subsets(monkeypatch, chain_calls, kind, subset):
-    """Layers outside ``params`` are constants (also before the first one in it)."""
-    model = mlp()
-    data = make_data(model, (4,), "ce")
-    params = SUBSETS[subset](model)
-    loss_func = nn.CrossEntropyLoss()
-    check_products(monkeypatch, chain_calls, kind, model, loss_func, params, data)
-
-
 BATCHNORM_SUBSETS = {
     "scale": lambda m: [m[1].weight],
     "shift": lambda m: [m[1].bias],
@@ -442,7 +431,11 @@ CNN_SUBSETS = {
 
 #: Parameter subsets of model cases (batch norm: its scale or shift as the first
 #: differentiated parameter).
-MODEL_SUBSETS = {"cnn": CNN_SUBSETS, "batchnorm_mlp": BATCHNORM_SUBSETS}
+MODEL_SUBSETS = {
+    "mlp": SUBSETS,
+    "cnn": CNN_SUBSETS,
+    "batchnorm_mlp": BATCHNORM_SUBSETS,
+}
 
 
 @pytest.mark.parametrize("kind", OPERATORS, ids=operator_id)
@@ -451,6 +444,7 @@ MODEL_SUBSETS = {"cnn": CNN_SUBSETS, "batchnorm_mlp": BATCHNORM_SUBSETS}
     [(case, subset) for case, subsets in MODEL_SUBSETS.items() for subset in subsets],
 )
 def test_model_parameter_subsets(monkeypatch, chain_calls, kind, case, subset):
+    """Layers outside ``params`` are constants (also before the first one in it)."""
     model, datum_shape = model_case(case)
     data = make_data(model, datum_shape, "ce")
     params = MODEL_SUBSETS[case][subset](model)
