@@ -28,8 +28,8 @@ values; attributes it sets are restored afterwards.
 
 What the trace bakes in is guarded before every product: the classes' ``forward``
 functions, the plain attributes of every traced-through module (flags such as
-``self.use_relu`` or ``training`` that ``forward`` may branch on) and the children of
-every container. A change to any of them sends products back to the AD path, which
+``self.use_relu`` or ``training`` that ``forward`` may branch on), the ``inplace``
+flags of the layers and the children of every container. A change to any of them sends products back to the AD path, which
 runs the model's ``forward`` itself. A ``forward`` that reads a global variable is
 beyond these guards; switch the closed form off with
 ``curvlinops_fisher.core.SEQUENTIAL_CHAIN_PRODUCTS = False`` for such a model.
@@ -406,8 +406,17 @@ def traced_calls(model: Module) -> TracedCalls | None:
         (m, type(m).forward, _plain_attributes(m), tuple(m._modules.items()))
         for m in traced_through
     ]
+    # The in-place check above read these flags: turning one on later could make a
+    # layer overwrite a value that another operation reads too.
+    in_place_flags = [
+        (m, m.inplace)
+        for m, _ in modules
+        if isinstance(getattr(m, "inplace", None), bool)
+    ]
 
     def unchanged() -> bool:
+        if any(module.inplace is not flag for module, flag in in_place_flags):
+            return False
         for module, forward, attributes, children in snapshot:
             if type(module).forward is not forward:
                 return False

@@ -212,9 +212,9 @@ class InPlaceOnShared(nn.Module):
     """``relu_`` changes ``h``, which the sum reads again: the model computes
     ``2 relu(h)``, which a graph of the values would not."""
 
-    def __init__(self, functional: bool):
+    def __init__(self, functional: bool, in_place: bool = True):
         super().__init__()
-        self.layer, self.act = nn.Linear(3, 3), nn.ReLU(inplace=True)
+        self.layer, self.act = nn.Linear(3, 3), nn.ReLU(inplace=in_place)
         self.functional = functional
 
     def forward(self, x):
@@ -375,6 +375,21 @@ def changes() -> dict[str, Callable]:
         "instance_forward": instance_forward,
         "list_entry": list_entry,
     }
+
+
+def test_layer_made_in_place_after_tracing_takes_the_ad_path(chain_calls):  # noqa: F811
+    """``inplace=True`` set on a layer whose input the sum reads again changes the
+    model to ``2 relu(h)``: products must follow it, not the traced graph."""
+    torch.manual_seed(0)
+    model = InPlaceOnShared(functional=False, in_place=False).double()
+    assert traced_calls(model) is not None
+    data = make_data(model, (3,), "ce")
+
+    def in_place(model):
+        model.act.inplace = True
+        return lambda: setattr(model.act, "inplace", False)
+
+    check_change_takes_ad_path(chain_calls, model, data, in_place)
 
 
 @pytest.mark.parametrize("change", changes())
