@@ -96,7 +96,10 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     """
     if not tensors:
         return True
-    sums = torch.stack([_finite_probe(t) for t in tensors])
+    if len(tensors) == 1:
+        sums = _finite_probe(tensors[0])
+    else:
+        sums = torch.stack([_finite_probe(t) for t in tensors])
     if bool(torch.isfinite(sums).all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

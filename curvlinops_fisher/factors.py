@@ -64,6 +64,9 @@ class LowRankOutputFactor(BatchOutputFactor):
         self.B = B
 
     def apply(self, U: Tensor) -> Tensor:  # noqa: D102
+        if self.B.shape[-1] == 1:  # (EF, one MC sample): (u·b) b, three kernels
+            b = self.B[..., 0]
+            return (U * b).sum(-1, keepdim=True) * b
         return einsum("tcr,ktr->ktc", self.B, einsum("tcr,ktc->ktr", self.B, U))
 
     def matrix(self) -> Tensor:  # noqa: D102
