@@ -1,4 +1,4 @@
-"""Fixed, seeded benchmark workloads W1-W5.
+"""Fixed, seeded benchmark workloads W1-W6.
 
 Every workload builds a model (in eval mode), a loss function and a list of
 ``(X, y)`` batches from a fixed seed, so that two processes that build the same
@@ -47,7 +47,7 @@ class Workload:
     """A named, seeded benchmark problem.
 
     Attributes:
-        name: Short name (``W1`` ... ``W5``).
+        name: Short name (``W1`` ... ``W6``).
         description: One-line description for tables and JSON.
         build: Function ``build(smoke) -> Problem``.
     """
@@ -264,6 +264,90 @@ def build_w5(smoke: bool) -> Problem:
     return _finish(model, nn.BCEWithLogitsLoss(), data, torch.float32)
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convolutions with batch norms, and a shortcut.
+
+    The shortcut is the identity, or a strided 1x1 convolution with a batch norm when
+    the shape changes; the block's output is ``relu(bn2(conv2(relu(bn1(conv1(x))))) +
+    shortcut(x))``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        """Build the layers.
+
+        Args:
+            c_in: Input channels.
+            c_out: Output channels.
+            stride: Stride of the first convolution (and of the shortcut).
+        """
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The block's output (see the class docstring)."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """Stem (3x3 convolution, batch norm, ReLU), a basic block keeping the shape, a
+    downsampling block doubling the channels, global average pooling, linear head."""
+
+    def __init__(self, width: int, num_classes: int = 10):
+        """Build the layers.
+
+        Args:
+            width: Channels of the stem and the first block (the second has twice).
+            num_classes: Number of classes.
+        """
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.blocks = nn.Sequential(
+            BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of shape ``(N, num_classes)``."""
+        return self.head(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+def build_w6(smoke: bool) -> Problem:
+    """W6: small ResNet on 3x32x32 with batch norms in eval mode, CE, 2 batches of 32.
+
+    The batch norms' running statistics come from two training-mode forward passes
+    on seeded random images, so that they are not the identity.
+    """
+    gen = torch.manual_seed(SEED)
+    width, side, batch_size = (4, 8, 8) if smoke else (16, 32, 32)
+    model = SmallResNet(width)
+    with torch.no_grad():
+        for _ in range(2):
+            model(2 + 3 * torch.randn(batch_size, 3, side, side, generator=gen))
+    data = [
+        (
+            torch.randn(batch_size, 3, side, side, generator=gen),
+            torch.randint(0, 10, (batch_size,), generator=gen),
+        )
+        for _ in range(2)
+    ]
+    return _finish(model, nn.CrossEntropyLoss(), data, torch.float32)
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
@@ -272,5 +356,6 @@ WORKLOADS: dict[str, Workload] = {
         Workload("W3", "causal LM V128 d64 L2 T32, CE, 2x16", build_w3),
         Workload("W4", "MLP 20-64-64-5 Tanh, MSE, float64, 4x128", build_w4),
         Workload("W5", "MLP 20-64-1, BCEWithLogits, 4x128", build_w5),
+        Workload("W6", "ResNet 3x32x32 2 blocks, BN eval, CE, 2x32", build_w6),
     ]
 }
