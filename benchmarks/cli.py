@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_method=(
             "in-process, after the timed calls (smoke)"
             if args.smoke
-            else "fresh process per call; steady = 2nd call after a peak reset"
+            else "fresh process per call; steady = median of calls 2-4, peak reset before each"
         ),
         elapsed_s=round(elapsed, 1),
     )

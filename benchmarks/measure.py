@@ -121,6 +121,34 @@ def reset_peak_rss() -> bool:
     return True
 
 
+#: Calls measured after the first for the ``steady`` figure (their median is kept).
+STEADY_CALLS = 3
+
+
+def measure_steady_memory(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Median peak RSS that a call adds, over :data:`STEADY_CALLS` calls.
+
+    Each call is measured as by :func:`measure_memory`. One call in a few dozen
+    measured about twice the others (the allocator growing an arena, or pages it had
+    returned and faults back in), so the median stands for the call.
+
+    Args:
+        fn: The call.
+
+    Returns:
+        :func:`measure_memory`'s dictionary with ``bytes`` the median over the calls
+        and ``samples`` every call's figure.
+    """
+    calls = [measure_memory(fn) for _ in range(STEADY_CALLS)]
+    samples = [call["bytes"] for call in calls]
+    return {
+        **calls[0],
+        "bytes": int(statistics.median(samples)),
+        "peak_reset": all(call["peak_reset"] for call in calls),
+        "samples": samples,
+    }
+
+
 def measure_memory(fn: Callable[[], Any]) -> dict[str, Any]:
     """Peak RSS that one call adds, in bytes.
 

@@ -29,7 +29,12 @@ from benchmarks.libraries import (
     load_library,
 )
 from benchmarks.machine import load_average
-from benchmarks.measure import measure_memory, time_call, time_calls
+from benchmarks.measure import (
+    measure_memory,
+    measure_steady_memory,
+    time_call,
+    time_calls,
+)
 from benchmarks.workloads import WORKLOADS, Problem
 
 #: Number of columns of the matrix-matrix product.
@@ -240,9 +245,10 @@ def memory_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     The problem (model, data) and, for products, the operator (built with
     ``check_deterministic=False`` so that construction does no products) are set up,
-    then the call is measured twice: ``first`` against the high-water mark after
-    setup, with no call before (the first call also pays one-time allocations), and,
-    if the high-water mark can be reset, ``steady`` for a second call.
+    then the call is measured: ``first`` against the high-water mark after setup,
+    with no call before (the first call also pays one-time allocations), and, if the
+    high-water mark can be reset, ``steady``, the median over the next calls (see
+    :func:`~benchmarks.measure.measure_steady_memory`).
 
     Args:
         spec: ``{"workload", "threads", "smoke", "target"}`` with ``target`` either
@@ -266,7 +272,7 @@ def memory_job(spec: dict[str, Any]) -> dict[str, Any]:
             return op @ v
 
     first = measure_memory(fn)
-    steady = measure_memory(fn) if first["peak_reset"] else None
+    steady = measure_steady_memory(fn) if first["peak_reset"] else None
     return {"first": first, "steady": steady}
 
 

@@ -132,4 +132,6 @@ def test_memory_job_in_a_fresh_process(tmp_path):
     result = json.loads(out.read_text())
     assert result["first"]["bytes"] >= 0
     if result["first"]["peak_reset"]:
-        assert result["steady"]["bytes"] >= 0
+        steady = result["steady"]
+        assert len(steady["samples"]) == 3 and min(steady["samples"]) >= 0
+        assert steady["bytes"] == sorted(steady["samples"])[1]
