@@ -70,6 +70,7 @@ from curvlinops_fisher.factors import (
     GGNFactor,
     MCFisherFactor,
     OutputFactorKind,
+    SampleCache,
 )
 from curvlinops_fisher.linop import PyTorchLinearOperator
 from curvlinops_fisher.losses import PerDatumLoss, make_fisher_loss
@@ -578,6 +579,7 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             raise ValueError(f"seed must be an int; got {seed!r}.")
         self._seed = seed
         self._mc_samples = mc_samples
+        self._sample_cache = SampleCache()
         super().__init__(
             model_func,
             loss_func,
@@ -608,7 +610,8 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
             )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self._seed)
-        return MCFisherFactor(self._mc_samples, generator)
+        cache = self._sample_cache.for_key((self._seed, self._mc_samples, self.device))
+        return MCFisherFactor(self._mc_samples, generator, cache)
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from math import sqrt
 
+import torch
 from torch import Generator, Tensor, einsum
 
 from curvlinops_fisher.errors import check_finite
@@ -129,6 +130,52 @@ class EFFactor(OutputFactorKind):
         return LowRankOutputFactor(loss.gradient(output, y).unsqueeze(-1))
 
 
+#: Most bytes of sampled factors that one MC Fisher operator keeps across passes
+#: (:class:`SampleCache`); draws beyond it are made anew in every pass.
+SAMPLE_CACHE_BYTES = 64 * 2**20
+
+
+class SampleCache:
+    r"""Sampled factors of the first batches of a pass, kept for the next passes.
+
+    For a loss whose draws do not depend on the output's values
+    (:attr:`~curvlinops_fisher.losses.FisherLoss.draws_independent_of_output`, the
+    Gaussian of ``MSELoss``), every pass of a seeded MC Fisher operator draws the same
+    :math:`\mathbf{B}_t` for batch ``i``: the generator starts from the same seed and
+    consumes a number of values that only depends on the batches' output shapes.
+    The cache holds the factors of a prefix of the batches (at most ``max_bytes``)
+    with the generator state after the last of them, so a pass reuses them and
+    resumes drawing where they end: the same numbers as drawing all, bit for bit.
+    Each entry is checked against the batch's shape, dtype and device before use; a
+    mismatch drops that entry and the ones after it.
+
+    Args:
+        max_bytes: Most bytes of factors kept. ``None``: :data:`SAMPLE_CACHE_BYTES`.
+    """
+
+    def __init__(self, max_bytes: int | None = None):
+        """Start empty (see the class docstring)."""
+        self.max_bytes = SAMPLE_CACHE_BYTES if max_bytes is None else max_bytes
+        self.key: object = None
+        self.factors: list[Tensor] = []
+        #: The generator's state after drawing the last cached factor.
+        self.state_after: Tensor | None = None
+
+    def for_key(self, key: object) -> SampleCache:
+        """Empty the cache unless it was filled under ``key`` (seed and sample count)."""
+        if key != self.key:
+            self.key, self.factors, self.state_after = key, [], None
+        return self
+
+    def truncate(self, length: int) -> None:
+        """Keep the factors of the first ``length`` batches only."""
+        del self.factors[length:]
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached factors."""
+        return sum(B.numel() * B.element_size() for B in self.factors)
+
+
 class MCFisherFactor(OutputFactorKind):
     r"""Monte-Carlo Fisher: ``M`` would-be gradients per term, drawn from ``generator``.
 
@@ -140,16 +187,70 @@ class MCFisherFactor(OutputFactorKind):
     Args:
         mc_samples: Number of samples ``M`` per loss term.
         generator: The only source of randomness.
+        cache: Where a pass keeps draws that do not depend on the output, for the
+            next passes (see :class:`SampleCache`); ``None``: draw every time. The
+            generator must be freshly seeded with the seed the cache is kept for,
+            and only this object may draw from it.
     """
 
-    def __init__(self, mc_samples: int, generator: Generator):
+    def __init__(
+        self, mc_samples: int, generator: Generator, cache: SampleCache | None = None
+    ):
         """Store the sample count and the generator (see class docstring)."""
-        self.mc_samples, self.generator = mc_samples, generator
+        self.mc_samples, self.generator, self.cache = mc_samples, generator, cache
+        #: Batches of this pass so far, and how many of them the generator drew.
+        self._batches = self._drawn = 0
 
     def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
         """See :meth:`OutputFactorKind.for_batch`."""
         labels = loss.sample_labels(output, y, self.mc_samples, self.generator)
         if labels is not None:
             return SampledLabelsOutputFactor(loss, output, y, labels)
+        if self.cache is not None and loss.draws_independent_of_output:
+            return LowRankOutputFactor(self._cached_factor(loss, output, y))
+        return LowRankOutputFactor(self._draw(loss, output, y))
+
+    def _draw(self, loss: FisherLoss, output: Tensor, y: Tensor) -> Tensor:
+        """A new factor ``(T, C, M)`` from :meth:`FisherLoss.sample_gradients`."""
         G = loss.sample_gradients(output, y, self.mc_samples, self.generator)
-        return LowRankOutputFactor(G.permute(1, 2, 0) / sqrt(self.mc_samples))
+        return G.permute(1, 2, 0) / sqrt(self.mc_samples)
+
+    def _cached_factor(self, loss: FisherLoss, output: Tensor, y: Tensor) -> Tensor:
+        """The factor of this pass's next batch, from the cache where it has it."""
+        cache, index = self.cache, self._batches
+        self._batches += 1
+        if index < len(cache.factors):
+            B = cache.factors[index]
+            if (
+                B.shape == (*output.shape, self.mc_samples)
+                and B.dtype == output.dtype
+                and B.device == output.device
+            ):
+                return B
+            self._replay(loss, index)  # another batch than before: draw anew from here
+        elif self._drawn < index:  # every earlier batch came from the cache
+            self.generator.set_state(cache.state_after)
+            self._drawn = index
+        B = self._draw(loss, output, y)
+        self._drawn += 1
+        if index == len(cache.factors) and (
+            cache.nbytes() + B.numel() * B.element_size() <= cache.max_bytes
+        ):
+            cache.factors.append(B)
+            cache.state_after = self.generator.get_state()
+        return B
+
+    def _replay(self, loss: FisherLoss, index: int) -> None:
+        """Drop the cache from batch ``index`` on; bring the generator to that batch.
+
+        The generator is where this pass's last draw left it; the cached batches
+        between there and ``index`` are drawn again and dropped (the draws depend on
+        their shapes only).
+        """
+        cache = self.cache
+        for B in cache.factors[self._drawn : index]:
+            dummy = torch.empty(B.shape[:-1], dtype=B.dtype, device=B.device)
+            loss.sample_gradients(dummy, dummy, self.mc_samples, self.generator)
+        self._drawn = index
+        cache.truncate(index)
+        cache.state_after = self.generator.get_state() if index else None

@@ -291,6 +291,12 @@ class FisherLoss(ABC):
             Tensor ``(T, C, C)``.
         """
 
+    #: Whether :meth:`sample_gradients` draws do not depend on the output's values
+    #: (only on its shape, dtype and device and on the generator): then a pass's draws
+    #: repeat in every pass and the MC Fisher operator keeps them
+    #: (:class:`~curvlinops_fisher.factors.SampleCache`).
+    draws_independent_of_output: bool = False
+
     def sample_labels(
         self, output: Tensor, y: Tensor, mc_samples: int, generator: Generator
     ) -> Tensor | None:
@@ -347,6 +353,7 @@ class MSEFisherLoss(FisherLoss):
     """
 
     loss_type = MSELoss
+    draws_independent_of_output = True
 
     def class_axis(self, ndim: int) -> int:  # noqa: D102
         return ndim - 1

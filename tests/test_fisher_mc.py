@@ -271,3 +271,58 @@ def test_average_over_seeds(loss: str) -> None:
     single = to_dense(build(problem, seed=0, mc_samples=4))
     assert relative_error(average, ggn) < 0.1
     assert relative_error(average, ggn) < relative_error(single, ggn)
+
+
+@pytest.mark.parametrize("cached_batches", [0, 1, 3])
+def test_kept_gaussian_draws_equal_fresh_draws(cached_batches: int) -> None:
+    """MSE draws kept across products (all, some or none of the batches) give the
+    products of draws made anew, bit for bit, in every later product.
+
+    Args:
+        cached_batches: How many of the three batches' factors the cache may hold.
+    """
+    problem = make_problem("mlp_tanh", "mse", "mean", "unequal")
+    op = build(problem, seed=6, mc_samples=3)
+    fresh = build(problem, seed=6, mc_samples=3)
+    fresh._sample_cache.max_bytes = 0
+    sizes = [X.shape[0] * 3 * 3 * 8 for X, _ in problem.data]  # (N, C=3, M=3) float64
+    op._sample_cache.for_key(None)  # empty it, with the limit for this test
+    op._sample_cache.max_bytes = sum(sizes[:cached_batches])
+    V = torch.randn(problem.dim, 2, dtype=torch.float64)
+    expected = fresh @ V
+    for _ in range(3):
+        assert torch.equal(op @ V, expected)
+        assert len(op._sample_cache.factors) == cached_batches
+    assert torch.equal(op @ V[:, 0], fresh @ V[:, 0])
+    assert len(fresh._sample_cache.factors) == 0
+
+
+def test_kept_draws_follow_changed_batches() -> None:
+    """A batch of another shape, dtype or sample count than the kept one is drawn
+    anew, from where the generator would be: factors equal those of a fresh pass."""
+    from curvlinops_fisher.factors import MCFisherFactor, SampleCache
+    from curvlinops_fisher.losses import make_fisher_loss
+
+    loss = make_fisher_loss(torch.nn.MSELoss())
+    cache = SampleCache()
+
+    def pass_factors(shapes, dtype=torch.float64, cache=None):
+        generator = torch.Generator().manual_seed(11)
+        kind = MCFisherFactor(2, generator, cache and cache.for_key(("seed", 2)))
+        return [
+            kind.for_batch(loss, torch.zeros(s, dtype=dtype), torch.zeros(s)).matrix()
+            for s in shapes
+        ]
+
+    for shapes, dtype in [
+        ([(3, 2), (5, 2), (2, 2)], torch.float64),
+        ([(3, 2), (5, 2), (2, 2)], torch.float64),  # all kept
+        ([(3, 2), (4, 2), (2, 2), (6, 2)], torch.float64),  # second batch changed
+        ([(3, 2), (4, 2)], torch.float64),  # a shorter pass
+        ([(3, 2), (4, 2), (2, 2), (6, 2)], torch.float64),
+        ([(3, 2), (4, 2)], torch.float32),  # first batch changed
+    ]:
+        kept = pass_factors(shapes, dtype, cache)
+        for B, expected in zip(kept, pass_factors(shapes, dtype), strict=True):
+            assert torch.equal(B, expected)
+    assert [B.shape[0] for B in cache.factors] == [3, 4]
