@@ -25,6 +25,7 @@ from benchmarks.libraries import (
     load_library,
 )
 from benchmarks.machine import load_average, machine_info, usable_cpus
+from benchmarks.measure import MEMORY_JOB_ENV
 from benchmarks.report import add_comparisons, format_extras, format_table, make_record
 from benchmarks.worker import JOBS
 from benchmarks.workloads import WORKLOADS
@@ -120,6 +121,7 @@ def run_job(spec: dict[str, Any], in_process: bool) -> dict[str, Any]:
             "PYTHONPATH": os.pathsep.join(
                 [str(ROOT), os.environ.get("PYTHONPATH", "")]
             ),
+            **(MEMORY_JOB_ENV if spec["job"] == "memory" else {}),
         }
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.worker", json.dumps(spec), str(out)],
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_method=(
             "in-process, after the timed calls (smoke)"
             if args.smoke
-            else "fresh process per call; steady = median of calls 2-4, peak reset before each"
+            else "fresh process per call, MALLOC_MMAP_THRESHOLD_=131072; steady = median of calls 2-4, peak reset before each"
         ),
         elapsed_s=round(elapsed, 1),
     )

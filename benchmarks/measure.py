@@ -121,6 +121,16 @@ def reset_peak_rss() -> bool:
     return True
 
 
+#: Environment of the processes that measure memory. glibc serves a large allocation
+#: with its own ``mmap`` (returned to the system when freed, so the RSS shows it
+#: while it lives) only above a threshold that it raises each time such a block is
+#: freed; blocks below it come from the heap, whose freed pages the RSS may or may
+#: not still hold. The history that moves the threshold differed between fresh
+#: processes, and W2's product measured 23-31 MB or 19 MB in different processes.
+#: A fixed threshold (the default's start, 128 KiB) makes every large tensor an
+#: ``mmap`` of its own: the same figure in every process, to 0.1 MB.
+MEMORY_JOB_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
 #: Calls measured after the first for the ``steady`` figure (their median is kept).
 STEADY_CALLS = 3
 
@@ -128,9 +138,9 @@ STEADY_CALLS = 3
 def measure_steady_memory(fn: Callable[[], Any]) -> dict[str, Any]:
     """Median peak RSS that a call adds, over :data:`STEADY_CALLS` calls.
 
-    Each call is measured as by :func:`measure_memory`. One call in a few dozen
-    measured about twice the others (the allocator growing an arena, or pages it had
-    returned and faults back in), so the median stands for the call.
+    Each call is measured as by :func:`measure_memory`; the median keeps one call's
+    outlier (pages the allocator faults back in, a thread's scratch memory) from
+    standing for the call.
 
     Args:
         fn: The call.

@@ -529,7 +529,11 @@ class FisherMCLinearOperator(CurvatureLinearOperator):
     curvlinops 3.0, see :meth:`curvlinops_fisher.losses.FisherLoss.sample_gradients`).
     The global RNG is neither used nor advanced, and all columns of a product see the
     same sample, so the operator is one fixed matrix. The samples live in output space:
-    the cost of a product barely depends on ``mc_samples``.
+    the cost of a product barely depends on ``mc_samples``. The Gaussian draws of
+    ``MSELoss`` do not depend on the model's output, so the operator keeps them from
+    one product to the next (:class:`~curvlinops_fisher.factors.SampleCache`, at most
+    :data:`~curvlinops_fisher.factors.SAMPLE_CACHE_BYTES`): the same numbers,
+    without drawing them again.
 
     Args:
         model_func: See :class:`CurvatureLinearOperator`.

@@ -135,3 +135,24 @@ def test_memory_job_in_a_fresh_process(tmp_path):
         steady = result["steady"]
         assert len(steady["samples"]) == 3 and min(steady["samples"]) >= 0
         assert steady["bytes"] == sorted(steady["samples"])[1]
+
+
+def test_memory_jobs_run_with_a_fixed_mmap_threshold(monkeypatch):
+    """Memory processes get ``MALLOC_MMAP_THRESHOLD_`` (reproducible RSS figures);
+    timing processes keep the allocator's default."""
+    from benchmarks import cli
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        spec = json.loads(cmd[-2])
+        seen[spec["job"]] = env.get("MALLOC_MMAP_THRESHOLD_")
+        return subprocess.CompletedProcess(cmd, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    for job in ("memory", "time"):
+        assert "job_error" in cli.run_job({"job": job}, in_process=False)
+    assert seen == {
+        "memory": "131072",
+        "time": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
