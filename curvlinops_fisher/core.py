@@ -365,6 +365,17 @@ def batch_curvature_matmat(
     return out
 
 
+def takes_closed_form(model_function: ModelFunction) -> bool:
+    """Whether products of ``model_function`` take its closed-form chain.
+
+    (:mod:`curvlinops_fisher.sequential`: the model has one, it is still current and
+    :data:`SEQUENTIAL_CHAIN_PRODUCTS` is on; a batch input it cannot take still falls
+    back to automatic differentiation.)
+    """
+    chain = getattr(model_function, "sequential", None)
+    return SEQUENTIAL_CHAIN_PRODUCTS and chain is not None and chain.is_current()
+
+
 def linearize(
     model_function: ModelFunction,
     params: tuple[Tensor, ...],
@@ -389,15 +400,9 @@ def linearize(
         the VJP ``backward(cotangents, out)``, batched over the columns: it adds the
         VJPs of cotangents ``(K, *output.shape)`` to ``out`` (format of ``V``).
     """
-    chain = getattr(model_function, "sequential", None)
-    if (
-        SEQUENTIAL_CHAIN_PRODUCTS
-        and chain is not None
-        and isinstance(X, Tensor)
-        and chain.is_current()
-    ):
+    if isinstance(X, Tensor) and takes_closed_form(model_function):
         try:
-            return chain.linearize(params, X, V)
+            return model_function.sequential.linearize(params, X, V)
         except ChainNotApplicable:  # e.g. an unbatched convolution input
             pass
     if V[0].shape[0] > 1 or torch.compiler.is_compiling():

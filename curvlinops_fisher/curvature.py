@@ -38,6 +38,7 @@ from curvlinops_fisher.core import (
     DEFAULT_MC_SEED,
     batch_curvature_matmat,
     make_model_function,
+    takes_closed_form,
 )
 from curvlinops_fisher.data import (
     Batch,
@@ -262,9 +263,11 @@ class CurvatureLinearOperator(
         # One copy here instead of one per batch: a single column goes through dual
         # numbers, whose make_dual copies a tangent that shares its storage with
         # other data (views of the flat vector); several columns are moved-axis views
-        # of a [P, K] matrix, which matrix products would copy to be contiguous.
+        # of a [P, K] matrix, which matrix products would copy to be contiguous. The
+        # closed form reads a single column's views as they are.
         if V[0].shape[0] == 1:
-            V = tuple(v.clone() for v in V)
+            if not takes_closed_form(self._model_function):
+                V = tuple(v.clone() for v in V)
         else:
             V = tuple(v.contiguous() for v in V)
         for index, (X, y) in enumerate(self._batches("matmat")):
