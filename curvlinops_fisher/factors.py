@@ -147,7 +147,10 @@ class SampleCache:
     with the generator state after the last of them, so a pass reuses them and
     resumes drawing where they end: the same numbers as drawing all, bit for bit.
     Each entry is checked against the batch's shape, dtype and device before use; a
-    mismatch drops that entry and the ones after it.
+    mismatch drops that entry and the ones after it. Every pass works on its own copy
+    of the list and writes it back while no other pass has dropped entries, so
+    passes that run interleaved (a lazily consumed ``factor_batches()`` next to a
+    product) stay correct.
 
     Args:
         max_bytes: Most bytes of factors kept. ``None``: :data:`SAMPLE_CACHE_BYTES`.
@@ -160,20 +163,16 @@ class SampleCache:
         self.factors: list[Tensor] = []
         #: The generator's state after drawing the last cached factor.
         self.state_after: Tensor | None = None
+        #: Counts the times a pass dropped factors: a pass that began before such a
+        #: change draws from its own copy and no longer writes here.
+        self.version = 0
 
     def for_key(self, key: object) -> SampleCache:
         """Empty the cache unless it was filled under ``key`` (seed and sample count)."""
         if key != self.key:
             self.key, self.factors, self.state_after = key, [], None
+            self.version += 1
         return self
-
-    def truncate(self, length: int) -> None:
-        """Keep the factors of the first ``length`` batches only."""
-        del self.factors[length:]
-
-    def nbytes(self) -> int:
-        """Bytes held by the cached factors."""
-        return sum(B.numel() * B.element_size() for B in self.factors)
 
 
 class MCFisherFactor(OutputFactorKind):
@@ -200,6 +199,10 @@ class MCFisherFactor(OutputFactorKind):
         self.mc_samples, self.generator, self.cache = mc_samples, generator, cache
         #: Batches of this pass so far, and how many of them the generator drew.
         self._batches = self._drawn = 0
+        if cache is not None:
+            # This pass reads its own copy: another pass may change the cache.
+            self._kept, self._kept_state = list(cache.factors), cache.state_after
+            self._version = cache.version
 
     def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
         """See :meth:`OutputFactorKind.for_batch`."""
@@ -217,10 +220,10 @@ class MCFisherFactor(OutputFactorKind):
 
     def _cached_factor(self, loss: FisherLoss, output: Tensor, y: Tensor) -> Tensor:
         """The factor of this pass's next batch, from the cache where it has it."""
-        cache, index = self.cache, self._batches
+        kept, index = self._kept, self._batches
         self._batches += 1
-        if index < len(cache.factors):
-            B = cache.factors[index]
+        if index < len(kept):
+            B = kept[index]
             if (
                 B.shape == (*output.shape, self.mc_samples)
                 and B.dtype == output.dtype
@@ -228,29 +231,40 @@ class MCFisherFactor(OutputFactorKind):
             ):
                 return B
             self._replay(loss, index)  # another batch than before: draw anew from here
-        elif self._drawn < index:  # every earlier batch came from the cache
-            self.generator.set_state(cache.state_after)
+        elif self._drawn < index:  # batches 0 ... index - 1 all came from the cache
+            self.generator.set_state(self._kept_state)
             self._drawn = index
         B = self._draw(loss, output, y)
         self._drawn += 1
-        if index == len(cache.factors) and (
-            cache.nbytes() + B.numel() * B.element_size() <= cache.max_bytes
+        if index == len(kept) and (
+            sum(F.numel() * F.element_size() for F in (*kept, B))
+            <= self.cache.max_bytes
         ):
-            cache.factors.append(B)
-            cache.state_after = self.generator.get_state()
+            kept.append(B)
+            self._kept_state = self.generator.get_state()
+            self._publish()
         return B
 
     def _replay(self, loss: FisherLoss, index: int) -> None:
-        """Drop the cache from batch ``index`` on; bring the generator to that batch.
+        """Drop the kept factors from batch ``index`` on; bring the generator there.
 
-        The generator is where this pass's last draw left it; the cached batches
+        The generator is where this pass's last draw left it; the kept batches
         between there and ``index`` are drawn again and dropped (the draws depend on
         their shapes only).
         """
-        cache = self.cache
-        for B in cache.factors[self._drawn : index]:
+        kept = self._kept
+        for B in kept[self._drawn : index]:
             dummy = torch.empty(B.shape[:-1], dtype=B.dtype, device=B.device)
             loss.sample_gradients(dummy, dummy, self.mc_samples, self.generator)
         self._drawn = index
-        cache.truncate(index)
-        cache.state_after = self.generator.get_state() if index else None
+        del kept[index:]
+        self._kept_state = self.generator.get_state() if index else None
+        self.cache.version += 1  # passes begun before keep their own copies
+        self._version = self.cache.version
+        self._publish()
+
+    def _publish(self) -> None:
+        """Hand this pass's kept factors to the cache, unless another pass changed it."""
+        if self.cache.version == self._version:
+            self.cache.factors = list(self._kept)
+            self.cache.state_after = self._kept_state

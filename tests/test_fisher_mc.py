@@ -326,3 +326,23 @@ def test_kept_draws_follow_changed_batches() -> None:
         for B, expected in zip(kept, pass_factors(shapes, dtype), strict=True):
             assert torch.equal(B, expected)
     assert [B.shape[0] for B in cache.factors] == [3, 4]
+
+    # Two passes interleaved, the second with other shapes: each gets its own draws.
+    first_shapes, second_shapes = [(3, 2), (4, 2), (2, 2), (5, 2)], [(3, 2), (1, 2)]
+    generator = torch.Generator().manual_seed(11)
+    first = MCFisherFactor(2, generator, cache.for_key(("seed", 2)))
+    factors = [
+        first.for_batch(loss, torch.zeros(s, dtype=torch.float64), None).matrix()
+        for s in first_shapes[:2]
+    ]
+    for B, expected in zip(
+        pass_factors(second_shapes, cache=cache), pass_factors(second_shapes)
+    ):
+        assert torch.equal(B, expected)
+    factors += [
+        first.for_batch(loss, torch.zeros(s, dtype=torch.float64), None).matrix()
+        for s in first_shapes[2:]
+    ]
+    for B, expected in zip(factors, pass_factors(first_shapes), strict=True):
+        assert torch.equal(B, expected)
+    assert [B.shape[0] for B in cache.factors] == [3, 1]
