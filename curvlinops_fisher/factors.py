@@ -175,6 +175,10 @@ class SampleCache:
         return self
 
 
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class MCFisherFactor(OutputFactorKind):
     r"""Monte-Carlo Fisher: ``M`` would-be gradients per term, drawn from ``generator``.
 
@@ -202,6 +206,7 @@ class MCFisherFactor(OutputFactorKind):
         if cache is not None:
             # This pass reads its own copy: another pass may change the cache.
             self._kept, self._kept_state = list(cache.factors), cache.state_after
+            self._kept_bytes = sum(_nbytes(B) for B in self._kept)
             self._version = cache.version
 
     def _build(self, loss: FisherLoss, output: Tensor, y: Tensor) -> BatchOutputFactor:
@@ -236,11 +241,9 @@ class MCFisherFactor(OutputFactorKind):
             self._drawn = index
         B = self._draw(loss, output, y)
         self._drawn += 1
-        if index == len(kept) and (
-            sum(F.numel() * F.element_size() for F in (*kept, B))
-            <= self.cache.max_bytes
-        ):
+        if index == len(kept) and self._kept_bytes + _nbytes(B) <= self.cache.max_bytes:
             kept.append(B)
+            self._kept_bytes += _nbytes(B)
             self._kept_state = self.generator.get_state()
             self._publish()
         return B
@@ -257,6 +260,7 @@ class MCFisherFactor(OutputFactorKind):
             dummy = torch.empty(B.shape[:-1], dtype=B.dtype, device=B.device)
             loss.sample_gradients(dummy, dummy, self.mc_samples, self.generator)
         self._drawn = index
+        self._kept_bytes -= sum(_nbytes(B) for B in kept[index:])
         del kept[index:]
         self._kept_state = self.generator.get_state() if index else None
         self.cache.version += 1  # passes begun before keep their own copies
