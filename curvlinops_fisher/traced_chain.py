@@ -30,9 +30,10 @@ What the trace bakes in is guarded before every product: the classes' ``forward`
 functions, the plain attributes of every traced-through module (flags such as
 ``self.use_relu`` or ``training`` that ``forward`` may branch on), the ``inplace``
 flags of the layers and the children of every container. A change to any of them
-sends products back to the AD path, which runs the model's ``forward`` itself. A ``forward`` that reads a global variable is
-beyond these guards; switch the closed form off with
-``curvlinops_fisher.core.SEQUENTIAL_CHAIN_PRODUCTS = False`` for such a model.
+sends products back to the AD path, which runs the model's ``forward`` itself. A
+``forward`` that reads a global variable is beyond these guards; switch the closed
+form off with ``curvlinops_fisher.core.SEQUENTIAL_CHAIN_PRODUCTS = False`` for such
+a model.
 """
 
 from __future__ import annotations
