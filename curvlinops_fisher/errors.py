@@ -154,3 +154,23 @@ class DistributedError(RuntimeError):
             f"every rank:\n{lines}",
             failures,
         )
+
+
+class UnsupportedOperationError(NotImplementedError):
+    r"""An operation of the model has no derivative that a product can use.
+
+    Products need :math:`\mathbf{J}\mathbf{v}`: by forward mode, or, where an
+    operation has no forward-mode derivative, as the VJP of the VJP
+    (reverse-over-reverse), which needs a differentiable backward. Raised when an
+    operation has neither; the message names the operation and the layer.
+
+    Attributes:
+        op: The operation (PyTorch's name, or the ``autograd.Function``'s class).
+        layer: The module that ran it (``None`` if unknown).
+    """
+
+    def __init__(self, message: str, op: str, layer: str | None = None):
+        """Store the message, the operation and the layer."""
+        super().__init__(message)
+        self.op = op
+        self.layer = layer

@@ -710,6 +710,47 @@ class SequentialChain:
                 self._last_use[value] = i
         #: Whether a value depends on a differentiated parameter (has tangents).
         self._has_tangent = [False, *(step.active for step in steps)]
+        #: Results of the numerical checks, by input signature (see :meth:`check`).
+        self._checked: dict[tuple, str | None] = {}
+        #: Set when a check failed: the chain is not used any more.
+        self.failed = False
+
+    def check(
+        self,
+        params: Sequence[Tensor],
+        X: Tensor,
+        generic: Callable[[tuple[Tensor, ...]], Linearization],
+    ) -> str | None:
+        """Check the chain against the generic path on ``X`` (once per signature).
+
+        The chain's output, JVP and VJP of a random column must equal those of
+        ``generic`` (see :mod:`curvlinops_fisher.fast_path_checks`); the result is
+        kept for the input's shape, dtype and device while the chain's guards hold.
+        A failed check sets :attr:`failed`.
+
+        Args:
+            params: The parameter values.
+            X: The batch input.
+            generic: The generic linearization of the batch at ``params``.
+
+        Returns:
+            ``None`` if the chain agrees, else a description of the disagreement.
+
+        Raises:
+            ChainNotApplicable: If the chain cannot run on ``X`` (nothing is kept).
+        """
+        from curvlinops_fisher.fast_path_checks import (  # (imports this module)
+            compare_linearizations,
+            signature,
+        )
+
+        key = signature(X, params)
+        if key not in self._checked:
+            self._checked[key] = compare_linearizations(
+                lambda V: self._linearize(params, X, V), generic, params
+            )
+            self.failed = self._checked[key] is not None
+        return self._checked[key]
 
     def is_current(self) -> bool:
         """Whether the model still computes what the steps compute.
@@ -718,8 +759,11 @@ class SequentialChain:
         a parametrization), a hook was registered (on a module or globally), a
         ``forward`` was set on an instance, a dropout layer went into training mode
         with ``p > 0``, a convolution's padding or a pooling layer's
-        ``return_indices`` became unsupported, or a guard failed.
+        ``return_indices`` became unsupported, a guard failed, or the chain
+        disagreed with the generic path in a numerical check (:meth:`check`).
         """
+        if self.failed:
+            return False
         for name in _GLOBAL_HOOKS:
             hooks = getattr(torch_modules.module, name, None)
             if hooks is None or hooks:  # unknown to this PyTorch, or registered
@@ -729,6 +773,12 @@ class SequentialChain:
         )
 
     def linearize(
+        self, params: Sequence[Tensor], X: Tensor, V: Sequence[Tensor]
+    ) -> Linearization:
+        """Forward pass with ``K`` tangents and the batched VJP (see :meth:`_linearize`)."""
+        return self._linearize(params, X, V)
+
+    def _linearize(
         self, params: Sequence[Tensor], X: Tensor, V: Sequence[Tensor]
     ) -> Linearization:
         """Forward pass with ``K`` tangents and the batched VJP (see the module).

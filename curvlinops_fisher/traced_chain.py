@@ -8,9 +8,11 @@ a ``forward`` once, symbolically, and returns its calls when
 :mod:`curvlinops_fisher.sequential` can linearize them in closed form: one input;
 each operation takes one earlier value and nothing else, or adds two earlier values
 (``a + b``, ``torch.add``, ``Tensor.add``, without ``alpha``); every value is used;
-no operation changes in place a value that another one reads too (``inplace=True``
-on a value the shortcut also reads would change what the model computes); and each
-operation is
+no value is read after an in-place change of it or of an alias of it, and the
+input is never changed in place (see :func:`_check_values`: in-place layers and
+functions, and ``h += t``, which the tracer records as ``operator.iadd``, are
+followed through every operation that may return its input or a view of it:
+pass-through layers, reshapes, ``contiguous``); and each operation is
 
 - a call of a supported layer (see :mod:`curvlinops_fisher.sequential`),
 - ``torch.relu`` / ``tanh`` / ``sigmoid`` or their ``torch.nn.functional`` or method
@@ -26,14 +28,16 @@ class of ``torch.nn`` other than those, or a module with parameters or buffers o
 own, stops the search before tracing). Tracing runs ``forward`` once on symbolic
 values; attributes it sets are restored afterwards.
 
-What the trace bakes in is guarded before every product: the classes' ``forward``
-functions, the plain attributes of every traced-through module (flags such as
-``self.use_relu`` or ``training`` that ``forward`` may branch on), the ``inplace``
-flags of the layers and the children of every container. A change to any of them
-sends products back to the AD path, which runs the model's ``forward`` itself. A
-``forward`` that reads a global variable is beyond these guards; switch the closed
-form off with ``curvlinops_fisher.core.SEQUENTIAL_CHAIN_PRODUCTS = False`` for such
-a model.
+What the trace bakes in is guarded before every product (:func:`_state_guard`): the
+classes' ``forward`` functions, the plain attributes of every traced-through module
+compared deeply (flags such as ``self.use_relu`` or ``training``, dicts of options,
+configuration objects), the attributes of their classes, the globals and closure
+variables their functions read (:mod:`curvlinops_fisher.state_snapshot`), the
+``inplace`` flags of the layers and the children of every container. A change to
+any of them sends products back to the AD path, which runs the model's ``forward``
+itself; a model whose ``forward`` reads state that no snapshot describes is not
+traced. Before its first use on each input signature the chain is also checked
+numerically against the AD path (:mod:`curvlinops_fisher.fast_path_checks`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,16 @@ from curvlinops_fisher.sequential import (
     PASS_THROUGH,
     Call,
     ChainNotApplicable,
+)
+from curvlinops_fisher.state_snapshot import (
+    Uncoverable,
+    class_functions,
+    class_state,
+    classes_below,
+    code_references,
+    guard_of,
+    references_state,
+    snapshot,
 )
 
 #: Layer types a chain may call (traced as leaves).
@@ -186,9 +200,50 @@ def _plain_attributes(module: Module) -> dict[str, Any]:
     return {k: v for k, v in module.__dict__.items() if k not in _INTERNAL}
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Identity, or equal values of the same plain type (equal ints need not be one object)."""
-    return a is b or (type(a) is type(b) and type(a) in (int, float, str) and a == b)
+#: Augmented assignments and the functions their graph nodes record.
+_AUGMENTED = {
+    "__iadd__": operator.iadd,
+    "__isub__": operator.isub,
+    "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv,
+    "__ifloordiv__": operator.ifloordiv,
+    "__imod__": operator.imod,
+    "__ipow__": operator.ipow,
+    "__imatmul__": operator.imatmul,
+    "__iand__": operator.iand,
+    "__ior__": operator.ior,
+    "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift,
+    "__irshift__": operator.irshift,
+}
+
+
+class _AugmentedProxy(fx.Proxy):
+    """A proxy that records ``h += t`` as ``operator.iadd`` (not as ``h + t``).
+
+    :mod:`torch.fx`'s own proxies have no in-place operators, so Python runs
+    ``h = h + t`` for ``h += t``; on a tensor the model changes ``h`` in place, and
+    another name that still refers to it sees the change. The recorded
+    ``operator.i*`` node lets the in-place check see it too.
+    """
+
+
+def _augmented(function: Callable[[Any, Any], Any]) -> Callable[..., fx.Proxy]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", function, (self, other), {})
+
+    return method
+
+
+for _name, _function in _AUGMENTED.items():
+    setattr(_AugmentedProxy, _name, _augmented(_function))
+
+
+class _Tracer(fx.Tracer):
+    """:class:`torch.fx.Tracer` whose proxies record augmented assignments."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:  # noqa: D102
+        return _AugmentedProxy(node, self)
 
 
 def _trace(model: Module) -> fx.Graph:
@@ -197,7 +252,7 @@ def _trace(model: Module) -> fx.Graph:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fx.Tracer().trace(model)
+            return _Tracer().trace(model)
     finally:
         for module, attributes in saved:
             for key in set(module.__dict__) - set(attributes):
@@ -288,6 +343,7 @@ def _graph_calls(
     calls: list[Call] = []
     sources: list[tuple[int, ...]] = []
     in_place: list[bool] = []
+    aliases: list[bool] = []
     value_of: dict[fx.Node, int] = {}
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -306,7 +362,9 @@ def _graph_calls(
                 raise _NotAChain(f"{node} adds something other than two values")
             calls.append(ADD)
             sources.append(tuple(value_of[a] for a in node.args))
-            in_place.append(False)
+            augmented = node.target is operator.iadd  # ``a += b`` changes ``a``
+            in_place.append(augmented)
+            aliases.append(augmented)
         else:
             base = node.args[0] if node.args else None
             if base not in value_of or not _uses_only(node, base):
@@ -316,32 +374,71 @@ def _graph_calls(
                     raise _NotAChain(f"{node} has further arguments")
                 module = model.get_submodule(node.target)
                 calls.append((node.target, module))
-                in_place.append(bool(getattr(module, "inplace", False)))
+                changes = bool(getattr(module, "inplace", False))
+                passes = isinstance(module, (*PASS_THROUGH, nn.Flatten))
+                in_place.append(changes)
+                aliases.append(changes or passes)
             else:
                 calls.append(_function_call(node, base))
-                in_place.append(_in_place_argument(node))
+                changes = _in_place_argument(node)
+                in_place.append(changes)
+                aliases.append(changes or not isinstance(calls[-1], tuple))
             sources.append((value_of[base],))
         value_of[node] = len(calls)
-    _check_values(sources, in_place)
+    _check_values(sources, in_place, aliases)
     return calls, sources
 
 
-def _check_values(sources: list[tuple[int, ...]], in_place: list[bool]) -> None:
-    """Every value is used, and none that several calls read is changed in place."""
+def _check_values(
+    sources: list[tuple[int, ...]], in_place: list[bool], aliases: list[bool]
+) -> None:
+    """Every value is used, and no value is read after it was changed in place.
+
+    Values that may share memory form one alias class: a call whose output may be
+    its (first) input itself or a view of it (a reshape, a pass-through layer, an
+    in-place operation) joins its output to its input's class. An in-place call
+    ``i`` changes every value of its input's class that exists when it runs (the
+    values ``0 .. i``); the model computes what a graph of the values says only if
+    no later call reads one of them, and the input (value 0, the caller's data)
+    is never changed.
+
+    Raises:
+        _NotAChain: If a value is unused, or an in-place change is visible.
+    """
     reads: dict[int, int] = {}
     for values in sources:
         for v in values:
             reads[v] = reads.get(v, 0) + 1
     if set(reads) != set(range(len(sources))):  # the last value is the output
         raise _NotAChain("an operation's output is not used")
-    for values, changes_input in zip(sources, in_place):
-        if changes_input and reads[values[0]] > 1:
-            raise _NotAChain("an in-place operation on a value that is read again")
+    root = list(range(len(sources) + 1))
+
+    def find(v: int) -> int:
+        while root[v] != v:
+            v = root[v]
+        return v
+
+    for i, values in enumerate(sources):
+        if aliases[i]:
+            root[i + 1] = find(values[0])
+    for i, values in enumerate(sources):
+        if not in_place[i]:
+            continue
+        changed = find(values[0])
+        if changed == find(0):
+            raise _NotAChain("an in-place operation on the model's input")
+        for later in sources[i + 1 :]:
+            if any(v <= i and find(v) == changed for v in later):
+                raise _NotAChain("a value is read after an in-place change")
 
 
 def _is_add(node: fx.Node) -> bool:
-    """Whether ``node`` is ``a + b`` of two tensors (function or method, no ``alpha``)."""
-    function = node.op == "call_function" and node.target in (operator.add, torch.add)
+    """Whether ``node`` is ``a + b`` (or ``a += b``) of two tensors, without ``alpha``."""
+    function = node.op == "call_function" and node.target in (
+        operator.add,
+        operator.iadd,
+        torch.add,
+    )
     method = node.op == "call_method" and node.target == "add"
     return (
         (function or method)
@@ -402,32 +499,47 @@ def traced_calls(model: Module) -> TracedCalls | None:
     except Exception:  # not traceable, or not a chain: the AD path handles it
         return None
     modules = [(m, type(m)) for m in model.modules()]
+    try:
+        guard = _state_guard(model, modules)
+    except Uncoverable:  # forward may read state no snapshot describes
+        return None
+    return calls, modules, (guard,), sources
+
+
+def _state_guard(
+    model: Module, modules: list[tuple[Module, type[Module]]]
+) -> Callable[[], bool]:
+    """A guard that is true while nothing the trace of ``model`` read has changed.
+
+    It covers, for every module the trace went through (not the supported layers,
+    whose steps read their attributes at product time): its class and the class's
+    ``forward``, its plain attributes deeply (containers, configuration objects),
+    the attributes of its class and its bases below ``nn.Module``, the globals and
+    closure variables the functions of those classes refer to (and of the helper
+    functions they reach), and its children. For every module: the ``inplace``
+    flags (the in-place check read them).
+
+    Raises:
+        Uncoverable: If some of that state cannot be snapshot (see
+            :mod:`curvlinops_fisher.state_snapshot`).
+    """
     traced_through = [m for m, cls in modules if cls not in SUPPORTED_LAYERS]
-    snapshot = [
-        (m, type(m).forward, _plain_attributes(m), tuple(m._modules.items()))
-        for m in traced_through
-    ]
-    # The in-place check above read these flags: turning one on later could make a
-    # layer overwrite a value that another operation reads too.
+    classes = classes_below([type(m) for m in traced_through], Module)
+    references = code_references(class_functions(classes))
     in_place_flags = [
-        (m, m.inplace)
-        for m, _ in modules
-        if isinstance(getattr(m, "inplace", None), bool)
+        m for m, _ in modules if isinstance(getattr(m, "inplace", None), bool)
     ]
 
-    def unchanged() -> bool:
-        if any(module.inplace is not flag for module, flag in in_place_flags):
-            return False
-        for module, forward, attributes, children in snapshot:
-            if type(module).forward is not forward:
-                return False
-            if tuple(module._modules.items()) != children:
-                return False
-            current = _plain_attributes(module)
-            if current.keys() != attributes.keys() or not all(
-                _same(current[k], v) for k, v in attributes.items()
-            ):
-                return False
-        return True
+    def state() -> tuple:
+        return (
+            tuple(m.inplace for m in in_place_flags),
+            tuple(
+                (type(m), type(m).forward, tuple(m._modules.items()))
+                for m in traced_through
+            ),
+            snapshot([_plain_attributes(m) for m in traced_through]),
+            class_state(classes),
+            references_state(references),
+        )
 
-    return calls, modules, (unchanged,), sources
+    return guard_of(state)

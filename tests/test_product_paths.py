@@ -233,7 +233,7 @@ def test_first_product_measures_which_pass_is_faster(monkeypatch, slow):
     op @ v
     assert op._model_function.one_column_separate is (not slow)
     assert calls[:4] == [False, True, False, True]  # calibration on the first batch
-    assert calls[4:] == [not slow] * len(data)
+    assert set(calls[4:]) == {not slow}  # (with the check of each batch shape)
     calls.clear()
     op @ v
     assert calls == [not slow] * len(data)
