@@ -356,17 +356,38 @@ def _is_library(code: types.FunctionType | type) -> bool:
 def _referred(
     function: types.FunctionType,
 ) -> Iterator[tuple[str, Callable[[], Any]]]:
-    """``(name, getter)`` of each global and closure variable ``function`` reads."""
-    names: set[str] = set()
+    """``(name, getter)`` of each global and closure variable ``function`` reads.
+
+    A global that names a Python module or a class (compared by identity) also
+    yields the attributes the code reads from it (``settings.use_relu``,
+    ``Config.flag``: ``LOAD_ATTR`` right after the ``LOAD_GLOBAL``).
+    """
+    paths: set[tuple[str, ...]] = set()
     for code in _codes(function.__code__):
-        names.update(_global_names(code))
+        paths.update(_global_paths(code))
     module_globals = function.__globals__
-    for name in sorted(names):
-        if name in module_globals:
-            yield name, lambda name=name: module_globals[name]
+    for path in sorted(paths):
+        if path[0] not in module_globals:
+            continue
+        if len(path) > 1 and not isinstance(
+            module_globals[path[0]], (types.ModuleType, type)
+        ):
+            continue  # an object: its snapshot covers its attributes
+        yield ".".join(path), lambda path=path: _follow(module_globals, path)
     cells = function.__closure__ or ()
     for name, cell in zip(function.__code__.co_freevars, cells):
         yield name, lambda cell=cell: cell.cell_contents
+
+
+def _follow(module_globals: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """The value of the attribute path ``path`` in ``module_globals``."""
+    value = module_globals[path[0]]
+    for attribute in path[1:]:
+        try:
+            value = getattr(value, attribute)
+        except AttributeError:
+            return _MISSING
+    return value
 
 
 def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
@@ -377,10 +398,27 @@ def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _codes(const)
 
 
-def _global_names(code: types.CodeType) -> Iterator[str]:
+#: Most attributes read in a row from a global that :func:`_global_paths` follows.
+_MAX_ATTRIBUTE_PATH = 3
+
+
+def _global_paths(code: types.CodeType) -> Iterator[tuple[str, ...]]:
+    """The globals ``code`` loads, each with the attributes read right after it.
+
+    Yields every prefix of a path too (``("settings",)`` for ``settings.flag``).
+    """
+    path: list[str] = []
     for instruction in dis.get_instructions(code):
-        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-            yield str(instruction.argval)
+        name = instruction.opname
+        if path and name in ("LOAD_ATTR", "LOAD_METHOD"):
+            if len(path) <= _MAX_ATTRIBUTE_PATH:
+                path.append(str(instruction.argval))
+            continue
+        for end in range(1, len(path) + 1):
+            yield tuple(path[:end])
+        path = [str(instruction.argval)] if name in ("LOAD_GLOBAL", "LOAD_NAME") else []
+    for end in range(1, len(path) + 1):
+        yield tuple(path[:end])
 
 
 def guard_of(take: Callable[[], Any]) -> Callable[[], bool]:
