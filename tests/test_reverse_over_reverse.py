@@ -1,7 +1,7 @@
 """Models with an operation that has no forward-mode derivative (issue 22).
 
 ``nn.EmbeddingBag`` has no forward-mode derivative in PyTorch, so products take the
-JVP as the VJP of the VJP (:func:`curvlinops_fisher.core._linearize_reverse_over_reverse`).
+JVP as the VJP of the VJP (:func:`curvlinops_fisher.reverse_over_reverse.linearize_reverse_over_reverse`).
 Products are checked against the brute-force ``jacrev`` references; an operation with
 neither forward mode nor a differentiable backward raises the library's error.
 """
@@ -27,6 +27,7 @@ from curvlinops_fisher import (
     FisherMCLinearOperator,
     GGNLinearOperator,
     core,
+    reverse_over_reverse,
 )
 from curvlinops_fisher.errors import UnsupportedOperationError
 from curvlinops_fisher.functional import make_ggn_mv
@@ -183,7 +184,7 @@ def test_embedding_bag_composed(options: dict[str, Any]):
         (grad,) = torch.autograd.grad(out, w, torch.ones_like(out) + out.detach())
         return out.detach(), grad
 
-    out, grad = value_and_grad(core._embedding_bag_composed)
+    out, grad = value_and_grad(reverse_over_reverse._embedding_bag_composed)
     expected_out, expected_grad = value_and_grad(nn.functional.embedding_bag)
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
@@ -256,7 +257,9 @@ def test_fallback_is_what_makes_it_work(monkeypatch: pytest.MonkeyPatch):
 
 def test_composition_is_what_makes_it_work(monkeypatch: pytest.MonkeyPatch):
     """Mutation: without the composition, EmbeddingBag's double backward fails."""
-    monkeypatch.setattr(core, "_embedding_bag_composed", lambda *a, **k: None)
+    monkeypatch.setattr(
+        reverse_over_reverse, "_embedding_bag_composed", lambda *a, **k: None
+    )
     model, loss_func, params, data = embedding_bag_problem()
     op = GGNLinearOperator(model, loss_func, params, data)
     with pytest.raises(UnsupportedOperationError, match="_embedding_bag_backward"):
@@ -313,7 +316,7 @@ def test_neither_forward_mode_nor_double_backward(K: int):
 
 def test_adjoint_check_is_what_catches_it(monkeypatch: pytest.MonkeyPatch):
     """Mutation: without the adjoint check, the product is silently wrong."""
-    monkeypatch.setattr(core, "_check_adjoint", lambda *args: None)
+    monkeypatch.setattr(reverse_over_reverse, "_check_adjoint", lambda *args: None)
     model, loss_func, params, data = doubled_problem()
     op = GGNLinearOperator(model, loss_func, params, data)
     v = torch.randn(op.shape[1], dtype=torch.float64)
