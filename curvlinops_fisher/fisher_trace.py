@@ -66,7 +66,11 @@ from curvlinops_fisher.errors import ParameterError
 from curvlinops_fisher.estimators import _resolve_generator, hutchinson_trace
 from curvlinops_fisher.factors import GGNFactor
 from curvlinops_fisher.losses import FisherLoss, make_fisher_loss
-from curvlinops_fisher.structure import DEFAULT_CHUNK_BYTES
+from curvlinops_fisher.structure import (
+    DEFAULT_CHUNK_BYTES,
+    accumulation_dtype,
+    squared_norm,
+)
 
 __all__ = ["empirical_fisher_trace", "generalized_fisher_trace"]
 
@@ -416,6 +420,11 @@ def _sum_squared_vjps(
 ) -> Tensor:
     r"""Sum of :math:`\|\mathbf{J}^\top\mathbf{w}\|^2` over all flattened cotangents.
 
+    Each gradient's squared norm is :func:`~curvlinops_fisher.structure.squared_norm`
+    (float32 blocks summed in float64; see :func:`_squared_norm`), the sum over
+    chunks and parameters in float64; the result has the outputs' data type (and is differentiable with
+    ``create_graph``).
+
     Args:
         outputs: The model outputs (with graph).
         params: The parameters.
@@ -429,7 +438,9 @@ def _sum_squared_vjps(
     Raises:
         ParameterError: If no parameter reaches ``outputs``.
     """
-    total = outputs.new_zeros(())
+    total = outputs.new_zeros(
+        (), dtype=accumulation_dtype(outputs.dtype, outputs.device)
+    )
     for W in cotangents:
         grads = torch.autograd.grad(
             outputs,
@@ -444,5 +455,17 @@ def _sum_squared_vjps(
             raise _no_parameter_reached()
         for g in grads:
             if g is not None:
-                total = total + g.square().sum()
-    return total
+                total = total + _squared_norm(g, create_graph)
+    return total.to(outputs.dtype)
+
+
+def _squared_norm(g: Tensor, create_graph: bool) -> Tensor:
+    """``||g||^2`` in float64: blocked without a graph, elementwise with one.
+
+    The blocked norm's derivative divides by the blocks' norms, so its second
+    derivative is ``nan`` at a zero block; with ``create_graph`` the squares are
+    summed in float64 instead (a float64 copy of ``g``).
+    """
+    if create_graph:
+        return g.square().sum(dtype=accumulation_dtype(g.dtype, g.device))
+    return squared_norm(g)
