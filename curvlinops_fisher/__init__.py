@@ -9,6 +9,7 @@ the same products as plain functions (laplax-style, with and without fixed data)
 """
 
 from curvlinops_fisher import functional
+from curvlinops_fisher.cached import CachedCurvatureLinearOperator
 from curvlinops_fisher.curvature import (
     CurvatureLinearOperator,
     EFLinearOperator,
@@ -28,7 +29,6 @@ from curvlinops_fisher.fisher_trace import (
     generalized_fisher_trace,
 )
 from curvlinops_fisher.linop import IdentityLinearOperator, PyTorchLinearOperator
-from curvlinops_fisher.structure import CachedCurvatureLinearOperator
 
 __version__ = "0.1.0"
 

@@ -16,8 +16,10 @@ the number of terms for ``CrossEntropyLoss``, times ``C`` for ``MSELoss`` and
 targets (``CrossEntropyLoss`` with ignored targets or class weights), :math:`c_b = 1/D`
 with :math:`D = \sum_b D_b` (non-ignored terms, or their targets' class weights)
 counted once at construction over the whole data set: the operator is then the
-curvature of PyTorch's loss on the concatenated data. The subclasses differ only in
-the output-space factor :math:`\mathbf{B}_t` (:mod:`curvlinops_fisher.factors`). Each
+curvature of PyTorch's loss on the concatenated data. The scales are one immutable
+:class:`~curvlinops_fisher.risk_scale.RiskScale` built from that scan. The subclasses
+differ only in the output-space factor :math:`\mathbf{B}_t`
+(:mod:`curvlinops_fisher.factors`). Each
 batch's product is :func:`curvlinops_fisher.core.batch_curvature_matmat`, the function
 behind :mod:`curvlinops_fisher.functional` too: an operator is the sum of the
 functional products of its batches, each times :math:`c_b`.
@@ -26,6 +28,7 @@ functional products of its batches, each times :math:`c_b`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -75,11 +78,12 @@ from curvlinops_fisher.factors import (
 )
 from curvlinops_fisher.linop import PyTorchLinearOperator
 from curvlinops_fisher.losses import PerDatumLoss, make_fisher_loss
-from curvlinops_fisher.structure import ExactStructureMixin
+from curvlinops_fisher.risk_scale import RiskScale, TargetCount
+from curvlinops_fisher.structure import ExactStructure, ExactStructureMethods
 
 
 class CurvatureLinearOperator(
-    ExactStructureMixin, ProcessGroupMixin, PyTorchLinearOperator
+    ExactStructureMethods, ProcessGroupMixin, PyTorchLinearOperator
 ):
     r"""Base class: a Fisher-family curvature matrix of an empirical risk.
 
@@ -154,8 +158,8 @@ class CurvatureLinearOperator(
                 batch_size_fn,
             )
             agreement.share(self._scan_data(num_data))
-        self._N_data, divisor, needed = agreement.combine_scans(num_data)
-        self._loss.normalizer = self._loss.normalizer_from_count(divisor, needed)
+        self._N_data, count = agreement.combine_scans(num_data)
+        self._risk_scale = RiskScale.from_count(self._loss_func, self._N_data, count)
         if not (isinstance(self._N_data, int) and self._N_data > 0):
             raise DataError(f"num_data must be a positive int; got {num_data!r}.")
 
@@ -216,6 +220,24 @@ class CurvatureLinearOperator(
         """Device of the parameters (and of the vectors the operator accepts)."""
         return self._params[0].device
 
+    @cached_property
+    def _structure(self) -> ExactStructure:
+        """The data passes behind the structure methods (built on first use)."""
+        return ExactStructure(
+            model=self._model_func,
+            model_function=self._model_function,
+            params=self._params,
+            data=self._data,
+            loss=self._loss,
+            risk_scale=self._risk_scale,
+            factor_kind=self._factor_kind,
+            num_data=self._N_data,
+            batch_size_fn=self._batch_size_fn,
+            progressbar=self._progressbar,
+            process_group=self._process_group,
+            targets_checked=self._targets_checked,
+        )
+
     # --------------------------------------------------------------- product
     def _factor_kind(self) -> OutputFactorKind:
         """The output-space factor of this curvature matrix, for one product."""
@@ -271,7 +293,7 @@ class CurvatureLinearOperator(
         else:
             V = tuple(v.contiguous() for v in V)
         for index, (X, y) in enumerate(self._batches("matmat")):
-            scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
+            scale = self._risk_scale.batch_scale(y, self._batch_size(X))
             with naming_batch(index):
                 batch_result = batch_curvature_matmat(
                     self._model_function,
@@ -301,7 +323,7 @@ class CurvatureLinearOperator(
 
         :math:`c_b` is the batch scale of the curvature (for ``mean``: PyTorch's
         ``mean`` over the concatenated data set, see
-        :meth:`~curvlinops_fisher.losses.FisherLoss.batch_scale`).
+        :meth:`~curvlinops_fisher.risk_scale.RiskScale.batch_scale`).
 
         With a process group, the sum over the ranks' shards (one ``all_reduce``).
 
@@ -322,7 +344,7 @@ class CurvatureLinearOperator(
         total = torch.zeros((), dtype=self.dtype, device=self.device)
 
         for X, y in self._batches("gradient"):
-            scale = self._loss.batch_scale(y, self._batch_size(X), self._N_data)
+            scale = self._risk_scale.batch_scale(y, self._batch_size(X))
 
             def batch_risk(p: tuple[Tensor, ...], X=X, y=y, scale=scale) -> Tensor:
                 return self._loss.summed_loss(self._model_function(p, X), y) * scale
@@ -350,22 +372,22 @@ class CurvatureLinearOperator(
     def _batch_size(self, X: object) -> int:
         return default_batch_size_fn(self._batch_size_fn, X)
 
-    def _scan_data(self, num_data: int | None) -> tuple[Any, float, bool]:
-        """This rank's data scan: its number of data points and ``mean`` divisor.
+    def _scan_data(self, num_data: int | None) -> tuple[Any, TargetCount]:
+        """This rank's data scan: its number of data points and targets' count.
 
         One pass over this rank's data, only if needed: to count the data points, or
-        for a ``mean`` whose divisor depends on the targets (see
-        :meth:`~curvlinops_fisher.losses.FisherLoss.data_normalizer`). ``__init__``
-        combines the ranks' scans (sums and OR) and sets the loss's normalizer.
+        for a ``mean`` whose divisor may depend on the targets
+        (:meth:`~curvlinops_fisher.risk_scale.RiskScale.scans_targets`). ``__init__``
+        combines the ranks' scans into the operator's
+        :class:`~curvlinops_fisher.risk_scale.RiskScale`.
 
         Returns:
             ``num_data`` if given, else the number of this rank's data points; the
-            summed divisor of this rank's targets and whether they need the data
-            set's divisor (:meth:`~curvlinops_fisher.losses.FisherLoss.count_targets`;
-            ``0.0`` and ``False`` without a pass).
+            :meth:`~curvlinops_fisher.risk_scale.RiskScale.count` of this rank's
+            targets (zero without a pass).
         """
-        if num_data is not None and not self._loss.scans_targets:
-            return num_data, 0.0, False
+        if num_data is not None and not RiskScale.scans_targets(self._loss_func):
+            return num_data, TargetCount()
         sizes = []
 
         def targets() -> Iterator[Tensor]:
@@ -373,8 +395,8 @@ class CurvatureLinearOperator(
                 sizes.append(self._batch_size(X) if num_data is None else 0)
                 yield y
 
-        divisor, needed = self._loss.count_targets(targets())
-        return (sum(sizes) if num_data is None else num_data), divisor, needed
+        count = RiskScale.count(self._loss_func, targets())
+        return (sum(sizes) if num_data is None else num_data), count
 
     def _checked_forward(self, batch: Batch) -> Tensor:
         """The model output of a batch, after validating the batch's targets."""

@@ -46,6 +46,7 @@ from curvlinops_fisher.errors import DataError, DistributedError
 from curvlinops_fisher.factors import BatchOutputFactor, MCFisherFactor
 from curvlinops_fisher.linop import PyTorchLinearOperator, _SciPyLinearOperator
 from curvlinops_fisher.losses import FisherLoss
+from curvlinops_fisher.risk_scale import TargetCount
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup (absent from some builds)
 ProcessGroupLike = Any  # ProcessGroup | Literal["default"] | None
@@ -193,13 +194,12 @@ class Agreement:
         self._shared = [value for _, value in gathered]
         return False
 
-    def combine_scans(self, num_data: int | None) -> tuple[Any, float, bool]:
+    def combine_scans(self, num_data: int | None) -> tuple[Any, TargetCount]:
         """Combine the ranks' data scans into the whole data set's.
 
-        Every rank shared ``(count, divisor, needed)``: its number of data points
-        (``num_data`` itself if given), the summed ``mean`` divisor of its targets
-        and whether its targets need the data set's divisor
-        (:meth:`~curvlinops_fisher.losses.FisherLoss.count_targets`).
+        Every rank shared ``(count, targets)``: its number of data points
+        (``num_data`` itself if given) and the
+        :meth:`~curvlinops_fisher.risk_scale.RiskScale.count` of its targets.
 
         Args:
             num_data: The ``num_data`` argument. ``None``: the ranks' counts are
@@ -207,8 +207,8 @@ class Agreement:
                 must agree.
 
         Returns:
-            The global number of data points, the summed divisor and the OR of the
-            flags (the local values without a group).
+            The global number of data points and the sum of the targets' counts (the
+            local values without a group).
 
         Raises:
             DataError: If every shard is empty.
@@ -216,9 +216,8 @@ class Agreement:
         """
         if self.group is None:
             return self._shared[0]
-        counts = [count for count, _, _ in self._shared]
-        divisor = sum(divisor for _, divisor, _ in self._shared)
-        needed = any(needed for _, _, needed in self._shared)
+        counts = [count for count, _ in self._shared]
+        targets = sum((part for _, part in self._shared), TargetCount())
         if num_data is None:
             total = sum(counts)
             if total == 0:
@@ -226,14 +225,14 @@ class Agreement:
                     "data is empty on every rank of the process group: pass at least "
                     "one batch (X, y) on some rank."
                 )
-            return total, divisor, needed
+            return total, targets
         if any(value != num_data for value in counts):
             raise DistributedError(
                 f"The ranks passed different num_data {counts}; num_data is the "
                 "number of data points of the whole data set, the same on every rank "
                 "(or None to count them)."
             )
-        return num_data, divisor, needed
+        return num_data, targets
 
 
 # ------------------------------------------------------------ sums of parts

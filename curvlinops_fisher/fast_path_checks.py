@@ -1,6 +1,6 @@
 r"""Numerical checks of fast paths against the generic :mod:`torch.func` path.
 
-A fast path (the closed-form chain of :mod:`curvlinops_fisher.sequential`, the
+A fast path (the closed-form chain of :mod:`curvlinops_fisher.closed_form`, the
 dual-number product of one column, rows in Kronecker form or per data point)
 decides from the model's code or structure that a shortcut computes the same
 numbers as automatic differentiation. That decision is trusted only after it was
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlinops_fisher.sequential import Linearization
+from curvlinops_fisher.linearization import Linearization
 
 #: A linearization of the batch at the check's parameters, for columns ``V``.
 Linearizer = Callable[[tuple[Tensor, ...]], Linearization]

@@ -60,17 +60,18 @@ import torch
 from torch import Generator, Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, Module, MSELoss
 
+from curvlinops_fisher.accumulation import (
+    DEFAULT_CHUNK_BYTES,
+    accumulation_dtype,
+    squared_norm,
+)
 from curvlinops_fisher.curvature import EFLinearOperator
 from curvlinops_fisher.determinism import check_modules_in_eval_mode
 from curvlinops_fisher.errors import ParameterError
 from curvlinops_fisher.estimators import _resolve_generator, hutchinson_trace
 from curvlinops_fisher.factors import GGNFactor
 from curvlinops_fisher.losses import FisherLoss, make_fisher_loss
-from curvlinops_fisher.structure import (
-    DEFAULT_CHUNK_BYTES,
-    accumulation_dtype,
-    squared_norm,
-)
+from curvlinops_fisher.risk_scale import RiskScale
 
 __all__ = ["empirical_fisher_trace", "generalized_fisher_trace"]
 
@@ -341,14 +342,15 @@ def _scaled_hessian_sqrt(
 ) -> Tensor:
     r""":math:`\sqrt{c}\,\mathbf{S}_t` for every loss term, shape ``(T, C, R)``.
 
-    The outputs are the whole data set (one batch), so :math:`c` is the loss's scale
-    of a single batch. They are detached unless the result must be differentiable.
+    The outputs are the whole data set (one batch), so :math:`c` is the scale of a
+    data set of one batch (:meth:`~curvlinops_fisher.risk_scale.RiskScale.of_batch`).
+    They are detached unless the result must be differentiable.
     """
     output = outputs if create_graph else outputs.detach()
     factor = GGNFactor().for_batch(
         loss, loss.flatten(output), loss.flatten_targets(targets, output)
     )
-    scale = loss.batch_scale(targets, batch_size=1, num_data=1)
+    scale = RiskScale.of_batch(loss.loss_func, targets).batch_scale(targets, 1)
     return factor.matrix() * sqrt(scale)
 
 
@@ -420,7 +422,7 @@ def _sum_squared_vjps(
 ) -> Tensor:
     r"""Sum of :math:`\|\mathbf{J}^\top\mathbf{w}\|^2` over all flattened cotangents.
 
-    Each gradient's squared norm is :func:`~curvlinops_fisher.structure.squared_norm`
+    Each gradient's squared norm is :func:`~curvlinops_fisher.accumulation.squared_norm`
     (float32 blocks summed in float64; see :func:`_squared_norm`), the sum over
     chunks and parameters in float64; the result has the outputs' data type (and is differentiable with
     ``create_graph``).

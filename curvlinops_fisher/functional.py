@@ -34,7 +34,7 @@ default to the batch's number of data points): the curvature of a data set of
 
 The operators (:class:`~curvlinops_fisher.GGNLinearOperator`, ...) are the sums of
 these products over their batches times each batch's reduction scale
-(:meth:`~curvlinops_fisher.losses.FisherLoss.batch_scale`): both compute every batch's
+(:meth:`~curvlinops_fisher.risk_scale.RiskScale.batch_scale`): both compute every batch's
 product with the same function, :func:`curvlinops_fisher.core.batch_curvature_matmat`
 (one forward pass carrying the tangents, the output-space contraction, one backward
 pass), so they agree to rounding.
@@ -619,7 +619,7 @@ def _sum_reduced_loss(loss_func: Module) -> FisherLoss:
     reduction = getattr(loss_func, "reduction", None)
     if reduction in SUPPORTED_REDUCTIONS or not isinstance(loss_func, Module):
         loss = make_fisher_loss(loss_func)  # rejects unsupported losses and options
-        if loss.reduction == "sum":
+        if reduction == "sum":  # the risk scale c_b = 1 of every batch
             return loss
     name = type(loss_func).__name__
     raise UnsupportedLossError(

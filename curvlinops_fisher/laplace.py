@@ -15,7 +15,7 @@ for classification) and :math:`\gamma` the backend's ``factor`` (``1/2`` for
 regression, turning the summed squared error into the negative log likelihood of
 :math:`\mathcal{N}(f, 1)`; ``1`` for classification). The backends here compute
 :math:`\mathbf{A}_b` as ``U_b^T U_b`` from the factor rows of
-:mod:`curvlinops_fisher.structure` instead of ``P`` operator products per batch:
+:mod:`curvlinops_fisher.rows` instead of ``P`` operator products per batch:
 
 - :meth:`~_CurvlinopsFisherInterface.full`: ``op.to_dense()`` (``T_b R`` VJPs per
   batch, ``R = C`` for the GGN, ``1`` for the empirical Fisher and the one-sample MC
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlinops_fisher.accumulation import add_column_squares, add_gram
 from curvlinops_fisher.curvature import (
     CurvatureLinearOperator,
     EFLinearOperator,
@@ -55,7 +56,6 @@ from curvlinops_fisher.curvature import (
     GGNLinearOperator,
 )
 from curvlinops_fisher.data import Batch, ModelInput, to_device
-from curvlinops_fisher.structure import add_column_squares, add_gram
 
 try:
     from laplace.baselaplace import LowRankLaplace, ParametricLaplace

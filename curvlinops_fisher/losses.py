@@ -1,4 +1,4 @@
-r"""The losses layer: the only module that knows about loss functions.
+r"""The losses layer: the output-space math of every supported loss function.
 
 Every supported PyTorch loss is wrapped in one small class that gives the operators
 what they need, always in terms of the **loss terms** of a batch:
@@ -6,28 +6,24 @@ what they need, always in terms of the **loss terms** of a batch:
 - ``flatten`` / ``unflatten``: reshape a model output ``f`` into a matrix of loss terms
   ``(T, C)`` (one row per term, ``C`` outputs each) and back;
 - ``check_targets``: validate the targets ``y`` against the output;
-- ``mean_denominator``: what PyTorch's ``reduction='mean'`` divides the batch loss by;
 - the output-space math of the *sum-reduced* per-term loss
   :math:`\ell(\mathbf{f}_t, \mathbf{y}_t)`: its gradient, its Hessian applied to
   vectors, a Hessian square root, and would-be gradients sampled from the model's
   likelihood with a given ``torch.Generator``.
 
-The reduction scale :math:`c` of the whole data set's risk is applied by the callers
-(see :meth:`FisherLoss.batch_scale`). Where PyTorch's ``mean`` divides by a quantity
-that depends on the targets (ignored targets, class weights of ``CrossEntropyLoss``),
-the operators compute that divisor once over the whole data set
-(:meth:`FisherLoss.data_normalizer`) and store it in :attr:`FisherLoss.normalizer`.
+The reduction scale of the whole data set's risk (``reduction='mean'``) is not part of
+a loss: see :mod:`curvlinops_fisher.risk_scale`.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from math import sqrt
 
 import torch
 from torch import Generator, Tensor
+from torch.func import functional_call
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, Module, MSELoss
 from torch.nn.functional import one_hot
 
@@ -40,17 +36,16 @@ class FisherLoss(ABC):
     r"""Output-space math of one supported loss function.
 
     A batch output ``f`` holds ``T`` loss terms of ``C`` entries each. The loss of the
-    batch is :math:`L = c_{\text{batch}} \sum_{t=1}^T \ell(\mathbf{f}_t, \mathbf{y}_t)`
-    with :math:`c_{\text{batch}} = 1` for ``reduction='sum'`` and
-    :math:`1 / D` for ``reduction='mean'`` (:meth:`mean_denominator`).
+    batch is :math:`L = c_b \sum_{t=1}^T \ell(\mathbf{f}_t, \mathbf{y}_t)` with the
+    reduction scale :math:`c_b` of :class:`~curvlinops_fisher.risk_scale.RiskScale`;
+    this class holds the math of the sum-reduced terms :math:`\ell`.
 
     Args:
         loss_func: The PyTorch loss module that is wrapped.
 
-    Attributes:
-        normalizer: The data set's ``mean`` divisor :math:`D` when it depends on the
-            targets (see :meth:`data_normalizer`); then every batch's scale is
-            :math:`1/D`. ``None``: the per-batch rule of :meth:`batch_scale`.
+    Raises:
+        UnsupportedLossError: If the loss's ``reduction`` is not ``'mean'`` or
+            ``'sum'``.
     """
 
     loss_type: type[Module]
@@ -64,17 +59,20 @@ class FisherLoss(ABC):
                 f"the curvature needs a scalar risk. Use reduction='mean' or 'sum'."
             )
         self.loss_func = loss_func
-        self.reduction: str = reduction
-        self.normalizer: float | None = None
         self._summed = copy.deepcopy(loss_func)
         self._summed.reduction = "sum"
 
     def summed_loss(self, output: Tensor, y: Tensor) -> Tensor:
         """PyTorch's loss of a batch with ``reduction='sum'`` (all other options kept).
 
-        Weights of the loss are converted to the output's dtype and device first.
+        Weights of the loss are converted to the output's dtype and device (as
+        arguments of the call: the wrapped copy of the loss is never changed).
         """
-        return self._summed.to(dtype=output.dtype, device=output.device)(output, y)
+        weights = {
+            name: w.to(output.device, output.dtype if w.is_floating_point() else None)
+            for name, w in self._summed.named_buffers()
+        }
+        return functional_call(self._summed, weights, (output, y))
 
     # ----------------------------------------------------------------- layout
     @abstractmethod
@@ -130,120 +128,6 @@ class FisherLoss(ABC):
     @abstractmethod
     def check_targets(self, output: Tensor, y: Tensor) -> None:
         """Raise :class:`TargetError` if ``y`` does not fit ``output`` and the loss."""
-
-    def mean_denominator(self, y: Tensor) -> float:
-        """Return the number PyTorch's ``reduction='mean'`` divides the batch loss by.
-
-        For ``MSELoss`` and ``BCEWithLogitsLoss`` (also with ``weight``/``pos_weight``)
-        this is the number of target entries; ``CrossEntropyLoss`` overrides it.
-        """
-        return y.numel()
-
-    @property
-    def scans_targets(self) -> bool:
-        """Whether the operators must look at all targets once (:meth:`data_normalizer`)."""
-        return False
-
-    def uses_global_mean(self, y: Tensor) -> bool:
-        """Whether these targets make PyTorch's ``mean`` divisor target-dependent.
-
-        ``True`` for ``CrossEntropyLoss`` class-index targets with class weights or
-        with ignored entries; then the data set's divisor is computed once
-        (:meth:`data_normalizer`). ``False`` for every other loss and target.
-        """
-        return False
-
-    def data_normalizer(self, targets: Iterable[Tensor]) -> float | None:
-        r"""The data set's ``mean`` divisor, if it depends on the targets.
-
-        PyTorch's ``mean`` over the concatenated data set divides the summed loss by
-        :math:`D = \sum_b D_b` (:meth:`mean_denominator`: for ``CrossEntropyLoss``
-        the number of non-ignored terms, or the sum of their targets' class weights).
-        When any batch's targets need it (:meth:`uses_global_mean`) this returns
-        :math:`D`, to be stored in :attr:`normalizer`; otherwise ``None`` and the
-        per-batch rule of :meth:`batch_scale` applies (curvlinops' convention).
-
-        Args:
-            targets: The targets of every batch of the data set, in any order;
-                always consumed in full.
-
-        Returns:
-            :math:`D`, or ``None`` (also always for ``reduction='sum'``).
-
-        Raises:
-            TargetError: If :math:`D = 0` (every target ignored): PyTorch's loss is
-                ``nan`` then.
-        """
-        return self.normalizer_from_count(*self.count_targets(targets))
-
-    def count_targets(self, targets: Iterable[Tensor]) -> tuple[float, bool]:
-        r"""The two sums behind :meth:`data_normalizer`, for part of the data set.
-
-        Data-parallel operators count each rank's shard, sum the divisors and OR the
-        flags over the ranks, then call :meth:`normalizer_from_count`.
-
-        Args:
-            targets: The targets of every batch, in any order; always consumed in full.
-
-        Returns:
-            :math:`\sum_b D_b` (:meth:`mean_denominator`) and whether any batch's
-            targets need the data set's divisor (:meth:`uses_global_mean`).
-        """
-        total, needed = 0.0, False
-        for y in targets:  # consumed in full, also when the answer is None
-            total += self.mean_denominator(y)
-            needed = needed or self.uses_global_mean(y)
-        return total, needed
-
-    def normalizer_from_count(self, total: float, needed: bool) -> float | None:
-        """:meth:`data_normalizer` from the whole data set's :meth:`count_targets`.
-
-        Args:
-            total: The data set's summed divisor :math:`D`.
-            needed: Whether any batch's targets need it.
-
-        Returns:
-            :math:`D`, or ``None``.
-
-        Raises:
-            TargetError: If ``needed`` and :math:`D = 0` (see :meth:`data_normalizer`).
-        """
-        if self.reduction == "sum" or not needed:
-            return None
-        if total <= 0:
-            raise TargetError(
-                f"{type(self.loss_func).__name__}(reduction='mean') divides by {total}"
-                " over the whole data set (every target is ignored or has weight 0), "
-                "so the loss is nan. Use reduction='sum' or data with counted targets."
-            )
-        return total
-
-    def batch_scale(self, y: Tensor, batch_size: int, num_data: int) -> float:
-        r"""Scale of a batch's summed term curvatures in the data set's curvature.
-
-        For ``sum`` it is 1. For ``mean`` with a target-dependent divisor
-        (:attr:`normalizer` set, see :meth:`data_normalizer`) it is :math:`1/D`, PyTorch's
-        ``mean`` over the concatenated data set. Otherwise the data set's risk is
-        :math:`\sum_b \frac{N_b}{N} L_b` with :math:`L_b` the batch's ``mean`` loss,
-        i.e. :math:`c_b = N_b / (N D_b)`, with :math:`D_b` from
-        :meth:`mean_denominator` (curvlinops' convention). When every datum has the
-        same number of terms, this is one over the total number of terms of the data
-        set (times ``C`` for ``MSELoss`` and ``BCEWithLogitsLoss``), exactly PyTorch's
-        ``mean`` over the concatenated data set.
-
-        Args:
-            y: The batch's targets.
-            batch_size: Number of data points ``N_b`` in the batch.
-            num_data: Number of data points ``N`` in the data set.
-
-        Returns:
-            The scale :math:`c_b`.
-        """
-        if self.reduction == "sum":
-            return 1.0
-        if self.normalizer is not None:
-            return 1.0 / self.normalizer
-        return batch_size / (num_data * self.mean_denominator(y))
 
     def check_sampling(self) -> None:
         """Raise :class:`UnsupportedLossError` if the MC Fisher is not defined.
@@ -311,7 +195,7 @@ class FisherLoss(ABC):
     def sampled_fisher_matmat(
         self, output: Tensor, y: Tensor, labels: Tensor, U: Tensor
     ) -> Tensor:
-        r"""Apply :math:`rac{1}{M}\sum_m \mathbf{g}_{tm}\mathbf{g}_{tm}^	op` of labels ``(T, M)``.
+        r"""Apply :math:`\frac{1}{M}\sum_m \mathbf{g}_{tm}\mathbf{g}_{tm}^\top` of labels ``(T, M)``.
 
         Only for losses whose :meth:`sample_labels` returns labels.
         """
@@ -414,10 +298,9 @@ class CrossEntropyFisherLoss(FisherLoss):
     second moment is :math:`\mathbf{H}_t`). Plain class indices have
     :math:`\mathbf{a}_t = \mathbf{e}_{y_t}`, :math:`s_t = 1`.
 
-    PyTorch's ``mean`` divides by the number of terms, except for class indices with
-    class weights or ignored entries: then by :math:`\sum_t w_{y_t}` over the
-    non-ignored terms (:meth:`mean_denominator`), over the whole data set (see
-    :meth:`FisherLoss.data_normalizer`).
+    PyTorch's ``mean`` divisor (the number of terms, or for class indices with class
+    weights or ignored entries :math:`\sum_t w_{y_t}` over the non-ignored terms) is
+    the business of :class:`~curvlinops_fisher.risk_scale.RiskScale`.
 
     The MC Fisher of a loss with class weights is not defined (:meth:`check_sampling`):
     the weight belongs to the true label, not to a likelihood one can sample from.
@@ -472,29 +355,6 @@ class CrossEntropyFisherLoss(FisherLoss):
     def flatten_targets(self, y: Tensor, output: Tensor) -> Tensor:
         """Class indices ``(T,)``, or probabilities flattened like the output ``(T, C)``."""
         return self.flatten(y) if self._soft(y) else y.reshape(-1)
-
-    def mean_denominator(self, y: Tensor) -> float:
-        """PyTorch's ``mean`` divisor of a batch (see the class docstring).
-
-        The number of terms; for class indices, the number of non-ignored terms, or
-        with class weights the sum of their targets' weights.
-        """
-        if self._soft(y):
-            return y.numel() // y.shape[1] if y.ndim > 1 else 0
-        counted = y != self.ignore_index
-        weight = self.loss_func.weight
-        if weight is None:
-            return int(counted.sum())
-        return float(weight.to(y.device)[y[counted]].sum())
-
-    @property
-    def scans_targets(self) -> bool:  # noqa: D102
-        return self.reduction == "mean"
-
-    def uses_global_mean(self, y: Tensor) -> bool:  # noqa: D102
-        if self._soft(y):
-            return False
-        return self.loss_func.weight is not None or bool((y == self.ignore_index).any())
 
     def check_targets(self, output: Tensor, y: Tensor) -> None:  # noqa: D102
         self.flatten(output)  # checks the output's rank
@@ -779,7 +639,7 @@ class PerDatumLoss:
     concatenation of its terms' gradients, i.e. the output gradient of the datum's
     summed loss :math:`\ell_n = \sum_{t \in n} \ell_t`. Used for the empirical
     Fisher of per-datum gradients (:math:`\mathbf{B}_n = \nabla_{\mathbf{f}_n}
-    \ell_n`, one row per datum); everything else (targets, scales) is the wrapped
+    \ell_n`, one row per datum); everything else (e.g. the targets) is the wrapped
     loss's. Only :meth:`gradient` of the output-space math is defined: the Hessian of
     :math:`\ell_n` is block-diagonal over its terms, so the GGN and the MC Fisher are
     the same per term and per datum.

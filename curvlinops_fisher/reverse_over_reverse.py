@@ -18,7 +18,6 @@ import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,11 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from curvlinops_fisher.data import ModelInput
 from curvlinops_fisher.errors import UnsupportedOperationError
-from curvlinops_fisher.sequential import Linearization
-
-if TYPE_CHECKING:
-    from curvlinops_fisher.core import ModelFunction
-
+from curvlinops_fisher.linearization import Linearization, ModelFunction
 
 #: PyTorch's messages for an operation without forward-mode derivative: a built-in
 #: operator (its name in group 1) or a custom ``autograd.Function`` without ``jvp``.
@@ -85,14 +80,6 @@ def missing_forward_ad(error: BaseException) -> re.Match[str] | None:
     return _NO_FORWARD_AD.search(str(error))
 
 
-def remember(model_function: ModelFunction, name: str, value: object) -> None:
-    """Keep ``value`` on the model function if it takes attributes (else forget it)."""
-    try:
-        setattr(model_function, name, value)
-    except AttributeError:
-        pass
-
-
 def diagnose_forward_ad_failure(
     model_function: ModelFunction,
     params: tuple[Tensor, ...],
@@ -109,7 +96,7 @@ def diagnose_forward_ad_failure(
 
     Args:
         model_function: ``f(param_values, X)``; a layer is named only if it has a
-            ``model`` (:class:`ModuleFunction`).
+            ``model`` (:class:`~curvlinops_fisher.model_function.ModuleFunction`).
         params: Parameter values.
         X: Batch input.
         V: Columns with a leading axis.
@@ -206,7 +193,7 @@ def linearize_reverse_over_reverse(
     :math:`\mathbf{u}` (here :math:`\mathbf{0}`). Cost: one recorded forward pass,
     one backward pass that records its own graph, and the backward pass of that
     graph batched over the ``K`` columns (``vmap``); then the VJP of the
-    cotangents as in :func:`_linearize_columns`. Exact: the same derivatives as
+    cotangents as in :func:`~curvlinops_fisher.linearization.linearize_columns`. Exact: the same derivatives as
     forward mode, by reverse mode only, for models with an operation that has no
     forward-mode derivative.
 
@@ -235,7 +222,7 @@ def linearize_reverse_over_reverse(
         with _TwiceDifferentiableOps():
             return model_function(param_values, X)
 
-    # (no_grad: see _linearize_columns)
+    # (no_grad: see linearize_columns)
     with torch.no_grad():
         output, vjp_fn = vjp(forward, params)
         try:

@@ -275,10 +275,10 @@ def check_errors(rank: int, world_size: int) -> None:
         op @ v
     if rank == world_size - 1:
         del op._local_matmat
-        op._structured_batches = broken
+        op._structure.row_blocks = broken
     with pytest.raises(DistributedError, match="boom in the local product"):
         op.trace()
-    op.__dict__.pop("_structured_batches", None)
+    op._structure.__dict__.pop("row_blocks", None)
     # the group is still in step: the next product works
     assert_close(op @ v, expected, "product after an error")
 
@@ -363,8 +363,8 @@ def check_loss_options(rank: int, world_size: int) -> None:
                     else cls(*args, local, process_group="default", **kwargs)
                 )
                 ref = cls(*args, everything, **kwargs)
-                assert ours._loss.normalizer == pytest.approx(
-                    ref._loss.normalizer, rel=1e-12
+                assert ours._risk_scale.divisor == pytest.approx(
+                    ref._risk_scale.divisor, rel=1e-12
                 ), name
                 expected[key] = ref @ eye
                 assert_close(ours @ eye, expected[key], f"{key} {name} product")
@@ -387,7 +387,7 @@ def check_loss_options(rank: int, world_size: int) -> None:
             mc_samples=2, process_group="default",
         )  # fmt: skip
         counted = sum(int((y != -100).sum()) for _, y in everything)
-        assert mc._loss.normalizer == counted
+        assert mc._risk_scale.divisor == counted
         expected = mc_sum_reference(model, params, rank_batches) / counted
         assert_close(mc @ eye, expected, f"mc {layout} product")
         assert_close(mc.to_dense(), expected, f"mc {layout} to_dense")

@@ -1,7 +1,7 @@
 """Float32 reductions stay within 1e-5 relative of float64.
 
 Squared norms, column squares, Gram and dense accumulation of
-:mod:`curvlinops_fisher.structure` and :mod:`curvlinops_fisher.kronecker`, and the
+:mod:`curvlinops_fisher.accumulation` and :mod:`curvlinops_fisher.kronecker`, and the
 public ``trace`` / ``diagonal`` / ``to_dense`` of float32 operators against their
 float64 copies. A single-precision ``vector_norm`` of a 67-million-entry chunk loses
 about 1% (its accumulators add millions of similar numbers each).
@@ -18,15 +18,15 @@ from reference import relative_error
 from torch import Tensor, nn
 
 from curvlinops_fisher import GGNLinearOperator
-from curvlinops_fisher.estimators import _draw_probes
-from curvlinops_fisher.kronecker import KroneckerRows, linear_layout
-from curvlinops_fisher.structure import (
+from curvlinops_fisher.accumulation import (
     DenseAccumulator,
     add_column_squares,
     add_gram,
     add_squared_norm,
     squared_norm,
 )
+from curvlinops_fisher.estimators import _draw_probes
+from curvlinops_fisher.kronecker import KroneckerRows, linear_layout
 
 RTOL = 1e-5
 
@@ -104,8 +104,8 @@ def test_dense_accumulation_of_many_small_chunks(
         products.extend(c.shape[0] for c in chunks)
         return gram(chunks, out, blocks)
 
-    monkeypatch.setattr("curvlinops_fisher.structure.add_gram", counting_gram)
-    dense = DenseAccumulator(torch.zeros(48, 48), layout=None)
+    monkeypatch.setattr("curvlinops_fisher.accumulation.add_gram", counting_gram)
+    dense = DenseAccumulator(torch.zeros(48, 48))
     dense.add_rows(U.split(8), chunk_bytes=2**20)
     dense.add_rows([U[:5000]], chunk_bytes=2**20)  # large: one product of its own
     result = dense.symmetric()
@@ -179,7 +179,7 @@ def test_float32_operator_matches_float64(kronecker: bool) -> None:
     loss = nn.CrossEntropyLoss()
     op32 = GGNLinearOperator(model32, loss, list(model32.parameters()), data)
     op64 = GGNLinearOperator(model64, loss, list(model64.parameters()), data64)
-    assert (op32._linear_layout is not None) == kronecker
+    assert (op32._structure.linear_layout is not None) == kronecker
     for a, b in [(op32, op64), (op32.cached(), op64.cached())]:
         trace, diagonal, dense = a.trace(), a.diagonal(), a.to_dense()
         assert trace.dtype == diagonal.dtype == dense.dtype == torch.float32

@@ -17,9 +17,9 @@ from reference import dense_ggn as brute_force_ggn
 from torch import fx, nn
 from torch.nn import functional as F
 
-from curvlinops_fisher import GGNLinearOperator, fast_path_checks, traced_chain
+from curvlinops_fisher import GGNLinearOperator, fast_path_checks
+from curvlinops_fisher.closed_form import traced, traced_calls
 from curvlinops_fisher.fast_path_checks import FastPathFailure
-from curvlinops_fisher.traced_chain import traced_calls
 
 
 def make_data(in_features: int = 4, sizes=(3, 2)):
@@ -153,8 +153,8 @@ def test_harmless_in_place_changes_keep_the_chain():
 
 
 def _without_alias_analysis(monkeypatch):
-    monkeypatch.setattr(traced_chain, "_check_values", lambda *args: None)
-    monkeypatch.setattr(traced_chain, "_Tracer", fx.Tracer)
+    monkeypatch.setattr(traced, "_check_values", lambda *args: None)
+    monkeypatch.setattr(traced, "_Tracer", fx.Tracer)
 
 
 def _without_numerical_check(monkeypatch):
@@ -294,12 +294,12 @@ def test_without_the_deep_guard_a_changed_state_gives_wrong_numbers(
     """Mutation: a guard that compares attributes by identity only misses the change
     (the check ran before it, on the old state)."""
     monkeypatch.setattr(
-        traced_chain,
+        traced,
         "snapshot",
         lambda modules: [[id(v) for v in a.values()] for a in modules],
     )
-    monkeypatch.setattr(traced_chain, "class_state", lambda classes: None)
-    monkeypatch.setattr(traced_chain, "references_state", lambda refs: None)
+    monkeypatch.setattr(traced, "class_state", lambda classes: None)
+    monkeypatch.setattr(traced, "references_state", lambda refs: None)
     torch.manual_seed(0)
     model = Configured().double()
     apply, undo = STATE_CHANGES[change]
@@ -354,11 +354,11 @@ def test_check_runs_once_per_input_signature(monkeypatch):
 def test_dual_number_path_is_checked(monkeypatch):
     """Mutation: a wrong tangent rule of the dual-number path (injected into its
     ``F.linear`` shortcut) is caught by the check; products stay exact."""
-    from curvlinops_fisher import core
+    from curvlinops_fisher import core, dual_numbers
 
     monkeypatch.setattr(core, "SEQUENTIAL_CHAIN_PRODUCTS", False)
-    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
-    original = core._linear_without_input_tangent
+    monkeypatch.setattr(dual_numbers, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
+    original = dual_numbers._linear_without_input_tangent
 
     def wrong(input, weight, bias=None):
         result = original(input, weight, bias)
@@ -367,7 +367,7 @@ def test_dual_number_path_is_checked(monkeypatch):
         primal, tangent = torch.autograd.forward_ad.unpack_dual(result)
         return torch.autograd.forward_ad.make_dual(primal, 2 * tangent)
 
-    monkeypatch.setattr(core, "_linear_without_input_tangent", wrong)
+    monkeypatch.setattr(dual_numbers, "_linear_without_input_tangent", wrong)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     data = make_data()
@@ -380,6 +380,6 @@ def test_dual_number_path_is_checked(monkeypatch):
     reference = brute_force_ggn(model, loss_func, params, data) @ v
     torch.testing.assert_close(result, reference, rtol=1e-10, atol=1e-12)
     # without the check, the injected rule gives a wrong product
-    monkeypatch.setattr(core, "_checked_one_column", lambda *args: True)
+    monkeypatch.setattr(dual_numbers, "_checked_one_column", lambda *args: True)
     op = GGNLinearOperator(model, loss_func, params, data)
     assert relative(op @ v, reference) > 1e-3

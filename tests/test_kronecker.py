@@ -20,9 +20,11 @@ from curvlinops_fisher import (
     EFLinearOperator,
     FisherMCLinearOperator,
     GGNLinearOperator,
+    eigensolvers,
     kronecker,
     structure,
 )
+from curvlinops_fisher.cached import CachedCurvatureLinearOperator
 from curvlinops_fisher.errors import FactorMemoryError
 from curvlinops_fisher.kronecker import (
     KroneckerFactor,
@@ -30,7 +32,6 @@ from curvlinops_fisher.kronecker import (
     kronecker_rows,
     linear_layout,
 )
-from curvlinops_fisher.structure import CachedCurvatureLinearOperator
 
 KINDS = {
     "ggn": (GGNLinearOperator, {}),
@@ -93,9 +94,9 @@ def test_reductions_match_explicit_rows(kind: str, case: tuple[str, str, str]):
     """rows, Gram, U V, U^T W, dense, trace, diagonal: Kronecker == explicit rows."""
     problem = make_problem(*case, layout="unequal")
     op = build(kind, *problem.args(), **problem.kwargs())
-    layout = op._linear_layout
+    layout = op._structure.linear_layout
     assert layout is not None
-    batches = list(op._linearized_batches())
+    batches = list(op._structure.linearized_batches())
     rows = [kronecker_rows(batch, layout) for batch in batches]
     assert all(r is not None for r in rows)
     explicit = [batch.rows() for batch in batches]
@@ -127,8 +128,8 @@ def wide_mlp_rows(kind: str) -> tuple[list[KroneckerRows], list[Tensor]]:
         for n in (5, 4, 6)
     ]
     op = build(kind, model, nn.CrossEntropyLoss(), list(model.parameters()), data)
-    batches = list(op._linearized_batches())
-    rows = [kronecker_rows(batch, op._linear_layout) for batch in batches]
+    batches = list(op._structure.linearized_batches())
+    rows = [kronecker_rows(batch, op._structure.linear_layout) for batch in batches]
     assert all(r is not None for r in rows)
     return rows, [batch.rows() for batch in batches]
 
@@ -191,7 +192,7 @@ def test_factor_joins_batches_of_equal_rows_per_point():
 @pytest.mark.parametrize("min_points", [1, 10**6])
 def test_to_dense_one_row_per_point(monkeypatch: pytest.MonkeyPatch, min_points: int):
     """EF: Kronecker blocks from enough points, explicit rows below; both exact."""
-    monkeypatch.setattr(structure, "KRONECKER_DENSE_MIN_POINTS_ONE_ROW", min_points)
+    monkeypatch.setattr(kronecker, "KRONECKER_DENSE_MIN_POINTS_ONE_ROW", min_points)
     problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
     op = build("ef", *problem.args())
     calls = spy_dense_blocks(monkeypatch)
@@ -250,14 +251,14 @@ def test_eigh_auto_takes_kronecker_gram(monkeypatch: pytest.MonkeyPatch):
     ]
     op = EFLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
     calls = []
-    original = structure.kronecker_eigh
+    original = eigensolvers.factor_eigh
     monkeypatch.setattr(
-        structure,
-        "kronecker_eigh",
-        lambda rows, k: calls.append(k) or original(rows, k),
+        eigensolvers,
+        "factor_eigh",
+        lambda rows, k: calls.append((type(rows), k)) or original(rows, k),
     )
     values, vectors = op.eigh(3)
-    assert calls == [3]
+    assert calls == [(KroneckerFactor, 3)]
     dense = op.to_dense()
     torch.testing.assert_close(
         values, torch.linalg.eigvalsh(dense).flip(0)[:3], rtol=1e-9, atol=1e-11
@@ -269,8 +270,8 @@ def test_cached_holds_kronecker_factor(kind: str):
     """The cached operator keeps the Kronecker form and equals the streaming one."""
     problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
     op = build(kind, *problem.args())
-    layout = op._linear_layout
-    num_rows = sum(op._row_counts())
+    layout = op._structure.linear_layout
+    num_rows = sum(op._structure.row_counts())
     needed = num_rows * layout.row_length * 8
     assert needed < num_rows * op.shape[1] * 8
     with pytest.raises(FactorMemoryError):
@@ -298,7 +299,7 @@ def test_cached_holds_kronecker_factor(kind: str):
 def test_cached_rejects_mismatched_kronecker_factor():
     problem = make_problem("mlp_tanh", "ce", "mean", layout="unequal")
     op = build("ef", *problem.args())
-    factor = op._kronecker_factor()
+    factor = op._structure.kronecker_factor()
     with pytest.raises(ValueError, match="Kronecker factor has P"):
         CachedCurvatureLinearOperator(factor, [(3,)])
 
@@ -424,7 +425,7 @@ def test_sequence_inputs_fall_back(monkeypatch: pytest.MonkeyPatch):
     """A linear layer on (N, T, D) inputs has a sum of Kronecker products per row."""
     problem = make_problem("seq", "ce", "mean", layout="unequal")
     op = build("ggn", *problem.args())
-    assert op._linear_layout is not None
+    assert op._structure.linear_layout is not None
     found = spy_kronecker(monkeypatch)
     assert_matrix_close(op.to_dense(), to_dense(op))
     assert found and not any(found)
@@ -454,8 +455,8 @@ def test_float32_check_passes():
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
     data = [(torch.randn(64, 10), torch.randint(0, 4, (64,)))]
     op = GGNLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
-    (batch,) = op._linearized_batches()
-    rows = kronecker_rows(batch, op._linear_layout)
+    (batch,) = op._structure.linearized_batches()
+    rows = kronecker_rows(batch, op._structure.linear_layout)
     assert isinstance(rows, KroneckerRows)
     torch.testing.assert_close(rows.rows(), batch.rows(), rtol=1e-4, atol=1e-6)
-    assert kronecker._CHECK_RTOL[4] >= 1e-5
+    assert kronecker.CHECK_RTOL[4] >= 1e-5

@@ -194,13 +194,6 @@ def test_soft_cross_entropy_targets_are_accepted():
     )
 
 
-@pytest.mark.parametrize("reduction, expected", [("sum", 1.0), ("mean", 3 / (12 * 18))])
-def test_batch_scale(reduction, expected):
-    loss = make_fisher_loss(nn.MSELoss(reduction=reduction))
-    y = torch.zeros(3, 2, 3)  # 3 data points, 2 terms of C=3 each
-    assert loss.batch_scale(y, batch_size=3, num_data=12) == pytest.approx(expected)
-
-
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("soft", [False, True])
 def test_sampled_labels_factor_equals_the_explicit_one(smoothing, soft):

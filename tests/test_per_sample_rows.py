@@ -30,7 +30,7 @@ from curvlinops_fisher import (
     FisherMCLinearOperator,
     GGNLinearOperator,
 )
-from curvlinops_fisher.structure import LinearizedBatch
+from curvlinops_fisher.rows import LinearizedBatch
 
 #: Operator class, brute-force reference, constructor/reference keyword arguments.
 KINDS: dict[str, tuple[type, Callable[..., Tensor], dict[str, Any]]] = {
@@ -184,7 +184,7 @@ def test_fallback_within_a_batch() -> None:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(LinearizedBatch, "_rows_agree", first_only)
-        batch = next(iter(op._linearized_batches()))
+        batch = next(iter(op._structure.linearized_batches()))
         rows_bytes = (op.shape[1] + 3) * 8 * 3  # one data point's 3 rows
         with pytest.warns(UserWarning, match=MESSAGE):
             chunks = list(batch.chunks(chunk_bytes=rows_bytes))

@@ -1,7 +1,7 @@
 """A single column (eager forward-mode AD) and several columns (torch.func) agree.
 
 The model of :func:`problem` is an ``nn.Sequential`` MLP, so its products take the
-closed-form chain (:mod:`curvlinops_fisher.sequential`) unless it is switched off:
+closed-form chain (:mod:`curvlinops_fisher.closed_form`) unless it is switched off:
 the tests that are about the AD paths run with both.
 """
 
@@ -18,6 +18,7 @@ from curvlinops_fisher import (
     FisherMCLinearOperator,
     GGNLinearOperator,
     core,
+    dual_numbers,
 )
 from curvlinops_fisher.factors import GGNFactor
 from curvlinops_fisher.losses import make_fisher_loss
@@ -136,18 +137,18 @@ def test_linear_tangent_shortcut_is_exact(monkeypatch, cls, name):
     args = shortcut_problem(name)
     op = cls(*args)
     v = torch.randn(op.shape[1], dtype=torch.float64)
-    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 2**62)
+    monkeypatch.setattr(dual_numbers, "LINEAR_SHORTCUT_MIN_NUMEL", 2**62)
     without = op @ v
     fired = []
-    original = core._linear_without_input_tangent
+    original = dual_numbers._linear_without_input_tangent
 
     def spy(*a, **k):
         result = original(*a, **k)
         fired.append(result is not None)
         return result
 
-    monkeypatch.setattr(core, "_linear_without_input_tangent", spy)
-    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
+    monkeypatch.setattr(dual_numbers, "_linear_without_input_tangent", spy)
+    monkeypatch.setattr(dual_numbers, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
     with_shortcut = op @ v
     assert torch.equal(with_shortcut, without)
     # the data-fed layer takes the shortcut unless its weight has no tangent
@@ -167,9 +168,9 @@ def test_linear_tangent_shortcut_on_every_test_model(monkeypatch, model_name):
     problem = make_problem(model_name, loss, "mean", layout="unequal")
     op = GGNLinearOperator(*problem.args(), **problem.kwargs())
     v = torch.randn(op.shape[1], dtype=torch.float64)
-    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 2**62)
+    monkeypatch.setattr(dual_numbers, "LINEAR_SHORTCUT_MIN_NUMEL", 2**62)
     without = op @ v
-    monkeypatch.setattr(core, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
+    monkeypatch.setattr(dual_numbers, "LINEAR_SHORTCUT_MIN_NUMEL", 0)
     assert torch.equal(op @ v, without)
 
 
@@ -207,9 +208,9 @@ def test_separate_passes_give_the_same_bits(monkeypatch, model_name):
     for cls in OPERATORS:
         op = cls(*problem.args(), **problem.kwargs())
         v = torch.randn(op.shape[1], dtype=torch.float64)
-        monkeypatch.setattr(core, "ONE_COLUMN_SEPARATE_PASSES", False)
+        monkeypatch.setattr(dual_numbers, "ONE_COLUMN_SEPARATE_PASSES", False)
         shared = op @ v
-        monkeypatch.setattr(core, "ONE_COLUMN_SEPARATE_PASSES", True)
+        monkeypatch.setattr(dual_numbers, "ONE_COLUMN_SEPARATE_PASSES", True)
         assert torch.equal(op @ v, shared)
 
 
@@ -220,7 +221,7 @@ def test_first_product_measures_which_pass_is_faster(monkeypatch, slow):
     model, loss_func, params, data = shortcut_problem("sequence")
     op = GGNLinearOperator(model, loss_func, params, data)
     calls = []
-    original = core._linearize_one_column
+    original = dual_numbers._linearize_one_column
 
     def spy(*args, separate=False):
         calls.append(separate)
@@ -228,7 +229,7 @@ def test_first_product_measures_which_pass_is_faster(monkeypatch, slow):
             time.sleep(0.02)
         return original(*args, separate=separate)
 
-    monkeypatch.setattr(core, "_linearize_one_column", spy)
+    monkeypatch.setattr(dual_numbers, "_linearize_one_column", spy)
     v = torch.randn(op.shape[1], dtype=torch.float64)
     op @ v
     assert op._model_function.one_column_separate is (not slow)
@@ -257,4 +258,4 @@ def test_function_without_attributes_keeps_one_pass():
     params = tuple(model.parameters())
     V = tuple(torch.randn(1, *p.shape, dtype=torch.float64) for p in params)
     X = torch.randn(4, 3, dtype=torch.float64)
-    assert not core._prefers_separate_passes(Slotted(model), params, X, V)
+    assert not dual_numbers._prefers_separate_passes(Slotted(model), params, X, V)

@@ -30,7 +30,7 @@ from reference import assert_matrix_close, dense_ggn
 from torch import Tensor, nn
 
 from curvlinops_fisher import GGNLinearOperator
-from curvlinops_fisher.sequential import sequential_chain
+from curvlinops_fisher.closed_form import closed_form_chain
 
 #: Seeds of the random cases (their test ids are ``seed<k>``).
 SEEDS = range(48)
@@ -86,7 +86,7 @@ def test_random_models_exercise_the_closed_form():
     for seed in SEEDS:
         model = random_case(seed).model
         slots = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-        qualifying += sequential_chain(model, slots) is not None
+        qualifying += closed_form_chain(model, slots) is not None
     assert qualifying >= len(SEEDS) / 4, qualifying
 
 

@@ -8,6 +8,7 @@ neither forward mode nor a differentiable backward raises the library's error.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -211,7 +212,11 @@ def test_decision_is_remembered(monkeypatch: pytest.MonkeyPatch):
     def forward_mode(*args: Any) -> None:
         raise AssertionError("forward mode tried again")
 
-    monkeypatch.setattr(core, "_linearize_forward_mode", forward_mode)
+    strategies = tuple(
+        dataclasses.replace(s, attempt=forward_mode) if s.forward_mode else s
+        for s in core.STRATEGIES
+    )
+    monkeypatch.setattr(core, "STRATEGIES", strategies)
     assert_matrix_close(op @ v, first)
     op @ torch.randn(op.shape[1], 2, dtype=torch.float64)
 

@@ -17,13 +17,12 @@ from curvlinops_fisher import (
     GGNLinearOperator,
     core,
     functional,
-    sequential,
 )
-from curvlinops_fisher.sequential import (
+from curvlinops_fisher.closed_form import (
     CLOSED_FORM_ACTIVATIONS,
     ELEMENTWISE_ACTIVATIONS,
     SequentialChain,
-    sequential_chain,
+    closed_form_chain,
 )
 
 #: Operator classes and their brute-force matrices.
@@ -411,7 +410,9 @@ def test_functional_api_takes_the_chain(monkeypatch, chain_calls):
 @pytest.mark.parametrize("budget", [1, 400])
 def test_columns_in_chunks(monkeypatch, chain_calls, name, budget):
     """Chunks of one column, and uneven chunks (MLP, 400 bytes: 2, 3 or 5 columns)."""
-    monkeypatch.setattr(sequential, "TANGENT_CHUNK_BYTES", budget)
+    monkeypatch.setattr(
+        "curvlinops_fisher.closed_form.chain.TANGENT_CHUNK_BYTES", budget
+    )
     model, datum_shape = model_case(name)
     data = make_data(model, datum_shape, "ce")
     params = list(model.parameters())
@@ -541,13 +542,13 @@ class Doubled(nn.Module):
 def test_models_that_do_not_qualify(name):
     model = not_qualifying(name)
     slots = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    chain = sequential_chain(model, slots)
+    chain = closed_form_chain(model, slots)
     assert chain is None or not chain.is_current()
 
 
 def test_parameter_outside_the_layers_does_not_qualify():
     model = mlp()
-    assert sequential_chain(model, {"0.weight": 0, "unknown": 1}) is None
+    assert closed_form_chain(model, {"0.weight": 0, "unknown": 1}) is None
 
 
 def changes() -> dict[str, Callable]:
@@ -644,7 +645,7 @@ def test_products_follow_a_restructured_model(
 def test_batchnorm_with_batch_statistics_is_not_current():
     """Training mode, or no running statistics: the batch couples the data points."""
     model, _ = model_case("batchnorm_mlp")
-    chain = sequential_chain(model, {"1.weight": 0})
+    chain = closed_form_chain(model, {"1.weight": 0})
     assert chain is not None and chain.is_current()
     model.train()
     assert not chain.is_current()
@@ -656,7 +657,7 @@ def test_batchnorm_with_batch_statistics_is_not_current():
 def test_dropout_in_training_mode_is_not_current():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3))
-    chain = sequential_chain(model, {"0.weight": 0})
+    chain = closed_form_chain(model, {"0.weight": 0})
     assert chain is not None and not chain.is_current()
     model.eval()
     assert chain.is_current()

@@ -29,15 +29,12 @@ from curvlinops_fisher import (
     FisherMCLinearOperator,
     GGNLinearOperator,
     PyTorchLinearOperator,
-    structure,
+    eigensolvers,
 )
-from curvlinops_fisher.structure import (
-    GRAM_TRIANGLE_MIN_DIM,
-    CachedCurvatureLinearOperator,
-    FactorMemoryError,
-    LinearizedBatch,
-    add_gram,
-)
+from curvlinops_fisher.accumulation import GRAM_TRIANGLE_MIN_DIM, add_gram
+from curvlinops_fisher.cached import CachedCurvatureLinearOperator
+from curvlinops_fisher.errors import FactorMemoryError
+from curvlinops_fisher.rows import LinearizedBatch
 
 #: Operator class, brute-force reference, constructor/reference keyword arguments.
 KINDS: dict[str, tuple[type, Callable[..., Tensor], dict[str, Any]]] = {
@@ -160,15 +157,15 @@ def test_eigh(kind: str, case: tuple[str, str, str, str]) -> None:
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
-    """Count the calls of a function of :mod:`structure`."""
+    """Count the calls of a function of :mod:`eigensolvers`."""
     calls: list[int] = []
-    original = getattr(structure, name)
+    original = getattr(eigensolvers, name)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(structure, name, wrapped)
+    monkeypatch.setattr(eigensolvers, name, wrapped)
     return calls
 
 
@@ -176,7 +173,7 @@ def test_eigh_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """'auto' picks the Gram path for short factors; held, streamed and eigsh agree."""
     problem = make_problem("mlp_tanh", "ce", "mean", "unequal")
     op = build("ef", problem)  # n = 10 rows, P = 43
-    op.__dict__["_linear_layout"] = None  # explicit rows (Kronecker: test_kronecker)
+    op._structure.linear_layout = None  # explicit rows (Kronecker: test_kronecker)
     n, P = 10, problem.dim
     brute_force = reference("ef", problem)
     gram, held, lanczos = (
@@ -237,7 +234,7 @@ def test_top_eigh_subset_matches_full(dtype: torch.dtype, k: int) -> None:
     generator = torch.Generator().manual_seed(0)
     A = torch.randn(8, 5, generator=generator, dtype=torch.float64)
     gram = (A @ A.mT).to(dtype)  # rank 5: three zero eigenvalues
-    values, W = structure._top_eigh(gram, k)
+    values, W = eigensolvers._top_eigh(gram, k)
     full_values, full_W = torch.linalg.eigh(gram)
     m = min(k, 8)
     assert values.shape == (m,) and W.shape == (8, m)
@@ -326,7 +323,7 @@ def test_cached_to_scipy_eigsh() -> None:
 def test_cached_max_bytes() -> None:
     problem = make_problem("mlp_tanh", "mse", "mean", "unequal")
     op = build("ggn", problem)
-    op.__dict__["_linear_layout"] = None  # explicit rows (Kronecker: test_kronecker)
+    op._structure.linear_layout = None  # explicit rows (Kronecker: test_kronecker)
     needed = 30 * problem.dim * 8  # 30 rows of P float64 entries
     with pytest.raises(FactorMemoryError, match=f"needs {needed} bytes") as info:
         op.cached(max_bytes=needed - 1)
@@ -526,7 +523,7 @@ def test_eigh_auto_weighs_flops(monkeypatch: pytest.MonkeyPatch) -> None:
         model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data
     )
     # explicit rows; in Kronecker form the Gram path wins (test_kronecker)
-    op.__dict__["_linear_layout"] = None
+    op._structure.linear_layout = None
     gram, lanczos = (_spy(monkeypatch, name) for name in ("factor_eigh", "eigsh_top"))
     dense = op.to_dense()
     values, vectors = op.eigh(3)
@@ -535,4 +532,4 @@ def test_eigh_auto_weighs_flops(monkeypatch: pytest.MonkeyPatch) -> None:
     forced_values, _ = op.eigh(3, method="gram")
     assert len(gram) == 1
     torch.testing.assert_close(forced_values, values, rtol=1e-9, atol=1e-12)
-    assert structure.prefer_gram(250, 525, 8, 2**30) is True  # size rule alone
+    assert eigensolvers.prefer_gram(250, 525, 8, 2**30) is True  # size rule alone

@@ -20,8 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from curvlinops_fisher import GGNLinearOperator, core
-from curvlinops_fisher.sequential import sequential_chain
-from curvlinops_fisher.traced_chain import traced_calls
+from curvlinops_fisher.closed_form import closed_form_chain, traced_calls
 
 
 class SmallCNN(nn.Module):
@@ -298,7 +297,7 @@ def test_models_that_do_not_trace_to_a_chain(cls):
     model = cls()
     assert traced_calls(model) is None
     slots = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    assert sequential_chain(model, slots) is None
+    assert closed_form_chain(model, slots) is None
 
 
 class Recording(nn.Module):

@@ -1,43 +1,14 @@
-r"""Chains and residual graphs of layers behind a custom ``forward`` (:mod:`torch.fx`).
+"""The front end of custom ``forward`` methods: chains and residual graphs by :mod:`torch.fx`.
 
-Most models are not an ``nn.Sequential`` but a class whose ``forward`` calls its
-layers one after the other (``self.head(self.features(x))``, or a loop over a
-``ModuleList``, with a ``view`` or ``torch.relu`` in between), possibly adding a
-branch back (a ResNet block's ``out + identity``). :func:`traced_calls` traces such
-a ``forward`` once, symbolically, and returns its calls when
-:mod:`curvlinops_fisher.sequential` can linearize them in closed form: one input;
-each operation takes one earlier value and nothing else, or adds two earlier values
-(``a + b``, ``torch.add``, ``Tensor.add``, without ``alpha``); every value is used;
-no value is read after an in-place change of it or of an alias of it, and the
-input is never changed in place (see :func:`_check_values`: in-place layers and
-functions, and ``h += t``, which the tracer records as ``operator.iadd``, are
-followed through every operation that may return its input or a view of it:
-pass-through layers, reshapes, ``contiguous``); and each operation is
-
-- a call of a supported layer (see :mod:`curvlinops_fisher.sequential`),
-- ``torch.relu`` / ``tanh`` / ``sigmoid`` or their ``torch.nn.functional`` or method
-  forms, ``F.leaky_relu``, ``F.gelu``, ``F.silu``, ``F.max_pool*d``, ``F.avg_pool*d``
-  and ``F.adaptive_avg_pool*d``, all with constant arguments,
-- a reshape that keeps the order of the elements (``view``, ``reshape``,
-  ``flatten``, ``unflatten``, ``squeeze``, ``unsqueeze``, ``contiguous``, and the
-  ``torch`` functions of the same names), with sizes that are constants or read
-  from the input's shape (``x.view(x.size(0), -1)``).
-
-Only models made of supported layers and plain containers are traced at all (a
-class of ``torch.nn`` other than those, or a module with parameters or buffers of its
-own, stops the search before tracing). Tracing runs ``forward`` once on symbolic
-values; attributes it sets are restored afterwards.
-
-What the trace bakes in is guarded before every product (:func:`_state_guard`): the
-classes' ``forward`` functions, the plain attributes of every traced-through module
-compared deeply (flags such as ``self.use_relu`` or ``training``, dicts of options,
-configuration objects), the attributes of their classes, the globals and closure
-variables their functions read (:mod:`curvlinops_fisher.state_snapshot`), the
-``inplace`` flags of the layers and the children of every container. A change to
-any of them sends products back to the AD path, which runs the model's ``forward``
-itself; a model whose ``forward`` reads state that no snapshot describes is not
-traced. Before its first use on each input signature the chain is also checked
-numerically against the AD path (:mod:`curvlinops_fisher.fast_path_checks`).
+:func:`traced_calls` traces ``forward`` once, symbolically, and returns its calls
+when every operation takes one earlier value (a supported layer, an activation or
+pooling function with constant arguments, a reshape that keeps the element order)
+or adds two (a residual connection), and no value is read after an in-place change
+of it or of an alias of it (:func:`_check_values`). Only models made of supported
+layers and plain containers are traced at all. What the trace baked in is guarded
+before every product (:func:`_state_guard`, built on
+:mod:`curvlinops_fisher.state_snapshot`); ``docs/performance.md`` lists what
+qualifies and what the guard covers.
 """
 
 from __future__ import annotations
@@ -53,8 +24,13 @@ from torch import Tensor, fx, nn
 from torch.nn import Module
 from torch.nn import functional as F
 
-from curvlinops_fisher.sequential import (
+from curvlinops_fisher.closed_form.protocol import (
     ADD,
+    Call,
+    CallGraph,
+    ChainNotApplicable,
+)
+from curvlinops_fisher.closed_form.rules import (
     AVERAGE_POOLINGS,
     BATCH_NORMS,
     CLOSED_FORM_ACTIVATIONS,
@@ -62,8 +38,6 @@ from curvlinops_fisher.sequential import (
     ELEMENTWISE_ACTIVATIONS,
     MAX_POOLINGS,
     PASS_THROUGH,
-    Call,
-    ChainNotApplicable,
 )
 from curvlinops_fisher.state_snapshot import (
     Uncoverable,
@@ -173,14 +147,6 @@ _INTERNAL = frozenset(
         "_load_state_dict_post_hooks",
     }
 )
-
-#: ``(calls, modules, guards, sources)``, see :func:`traced_calls`.
-TracedCalls = tuple[
-    list[Call],
-    list[tuple[Module, type[Module]]],
-    tuple[Callable[[], bool], ...],
-    list[tuple[int, ...]],
-]
 
 
 def _traceable(model: Module) -> bool:
@@ -338,7 +304,7 @@ def _graph_calls(
     """The calls of a traced graph and the values each reads (raises :class:`_NotAChain`).
 
     Values: 0 is the input, ``j + 1`` the output of call ``j`` (see
-    :func:`curvlinops_fisher.sequential.chain_from_calls`).
+    :class:`~curvlinops_fisher.closed_form.protocol.CallGraph`).
     """
     calls: list[Call] = []
     sources: list[tuple[int, ...]] = []
@@ -477,8 +443,8 @@ def _function_call(node: fx.Node, current: fx.Node) -> Call:
     raise _NotAChain(f"unsupported operation {node}")
 
 
-def traced_calls(model: Module) -> TracedCalls | None:
-    """The chain of calls of ``model.forward``, or ``None`` (see the module).
+def traced_calls(model: Module) -> CallGraph | None:
+    """The graph of calls of ``model.forward``, or ``None`` (see the module).
 
     Args:
         model: The model.
@@ -486,10 +452,10 @@ def traced_calls(model: Module) -> TracedCalls | None:
     Returns:
         The calls in order (``(qualified name, module)`` for layers, including
         modules made up for activation and pooling functions, reshape functions and
-        :data:`~curvlinops_fisher.sequential.ADD`), every module of the model with
-        its type, the guards of what the trace baked in, and the values each call
-        reads (see :func:`~curvlinops_fisher.sequential.chain_from_calls`); or
-        ``None`` if the model does not trace to a supported graph.
+        :data:`~curvlinops_fisher.closed_form.protocol.ADD`), every module of the
+        model with its type, the guard of what the trace baked in, and the values
+        each call reads; or ``None`` if the model does not trace to a supported
+        graph.
     """
     if not isinstance(model, Module) or not _traceable(model):
         return None
@@ -503,7 +469,7 @@ def traced_calls(model: Module) -> TracedCalls | None:
         guard = _state_guard(model, modules)
     except Uncoverable:  # forward may read state no snapshot describes
         return None
-    return calls, modules, (guard,), sources
+    return CallGraph(calls, modules, (guard,), sources)
 
 
 def _state_guard(
